@@ -1,0 +1,491 @@
+"""MarbleOptimizer: a torch optimizer that steps along the min-norm combination of K gradients."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .balance import MIN_GRAD_NORM, NORMALIZATIONS, combine_weights, cosine_matrix, objective_scales, update_cosines
+from .qp import MinNormSolver
+from .report import BalanceReport
+from .smoothing import WeightEMA
+from .sources import GramSource, combined_backward, make_source
+
+__all__ = ["MarbleOptimizer"]
+
+_NONFINITE_POLICIES = ("skip", "raise", "exclude")
+
+
+class _Pending:
+    """What the micro-batches since the last optimizer step solved, committed by ``step``."""
+
+    def __init__(self) -> None:
+        self.raw_sum: np.ndarray | None = None
+        self.count = 0
+        self.last_raw: np.ndarray | None = None
+        self.scales: np.ndarray | None = None
+        self.norms: np.ndarray | None = None
+        self.valid: np.ndarray | None = None
+        self.skip = False
+
+    def add(self, raw: np.ndarray, scales: np.ndarray, norms: np.ndarray, valid: np.ndarray) -> None:
+        self.raw_sum = raw.copy() if self.raw_sum is None else self.raw_sum + raw
+        self.count += 1
+        self.last_raw, self.scales, self.norms, self.valid = raw, scales, norms, valid
+
+
+class MarbleOptimizer(torch.optim.Optimizer):
+    r"""Wraps a torch optimizer so it steps along the MARBLE combination of K losses.
+
+    For losses ``{name_k: L_k}`` it measures ``G_kl = ⟨g_k, g_l⟩`` (``g_k = ∇L_k``), scales
+    each gradient (``ĝ_k = s_k g_k``, ``normalize``), solves the min-norm QP
+    ``α* = argmin_{α∈Δ} ½ αᵀĜα``, smooths it (``α_t = ρ α_{t−1} + (1−ρ) α*_t``) and
+    accumulates ``d = m · Σ_k α_k ĝ_k`` into ``p.grad`` (``m = mean‖g_k‖`` for ``"l2"``), so
+    clipping, ``GradScaler``, accelerate, LR schedulers and the wrapped optimizer work as
+    with ``loss.backward()``. With ρ=0 every objective with ``α_k > 0`` gets the same,
+    positive cosine with ``d`` and none gets a negative one.
+
+    It is a ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and ``defaults`` are
+    the wrapped optimizer's own objects.
+
+    Args:
+        optimizer: an already built torch optimizer (AdamW, SGD, ...).
+        ema_decay: ρ in [0, 1). 0.7 is the paper's best value; 0 disables smoothing.
+        normalize: ``"l2"`` (ĝ = g/‖g‖), ``"none"``, ``"loss"`` (ĝ = g/L), ``"loss+l2"``.
+        rescale: scale the update to the mean raw gradient norm (see ``combine_weights``).
+        solver: ``"osqp"`` or any name ``min_norm_weights`` accepts.
+        gram: ``"exact"``, ``"exact-lean"``, ``"shared"`` or ``"params"`` (see
+            ``marble_opt.sources``).
+        gram_params: the parameters ``gram="params"`` measures G on.
+        refresh_every: solve the QP on every N-th optimizer step; in between, reuse the
+            last loss weights with one ordinary backward.
+        nonfinite: a non-finite loss or gradient ``"skip"``\ s the step (parameters,
+            optimizer state and weights untouched, ``report.skipped``), ``"raise"``\ s
+            ``FloatingPointError``, or is ``"exclude"``\ d from the QP for that step.
+
+    Objectives are fixed by the first call: later calls must pass the same names (any
+    order), else ``ValueError`` names the missing or new ones; ``reset_weights()`` forgets
+    them together with the smoothed weights.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        ema_decay: float = 0.7,
+        normalize: str = "l2",
+        rescale: bool = True,
+        solver: str = "osqp",
+        gram: str = "exact",
+        gram_params: Sequence[Tensor] | None = None,
+        refresh_every: int = 1,
+        nonfinite: str = "skip",
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, MarbleOptimizer):
+            raise TypeError("optimizer is already a MarbleOptimizer; wrap the base optimizer once")
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be a float in [0, 1), got {ema_decay!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if not isinstance(rescale, bool):
+            raise TypeError(f"rescale must be a bool, got {rescale!r}")
+        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
+        if nonfinite not in _NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
+        if gram_params is not None:
+            gram_params = self._check_gram_params(optimizer, gram_params)
+        self.source: GramSource = make_source(gram, gram_params)
+
+        # torch.optim.Optimizer.__init__ would build its own param_groups/state; we share the
+        # wrapped optimizer's instead and set up only the hook tables it relies on.
+        self.optimizer = optimizer
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+
+        self.ema_decay = float(ema_decay)
+        self.normalize = normalize
+        self.rescale = rescale
+        self.refresh_every = refresh_every
+        self.nonfinite = nonfinite
+        self.gram = gram
+        self._solver = MinNormSolver(solver)
+        self._ema = WeightEMA(self.ema_decay)
+        self._names: tuple[str, ...] | None = None
+        self._last_raw: np.ndarray | None = None
+        self._loss_weights: np.ndarray | None = None
+        self._pending = _Pending()
+        self.num_steps = 0
+
+    # ---- the wrapped optimizer's objects, shared (never copied) -------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; we keep everything
+        # but the solver's OSQP workspaces, which are rebuilt on demand.
+        state = self.__dict__.copy()
+        state["_solver"] = self._solver.solver
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["_solver"] = MinNormSolver(state["_solver"])
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return (
+            f"MarbleOptimizer(gram={self.gram!r}, normalize={self.normalize!r}, ema_decay={self.ema_decay}, "
+            f"solver={self._solver.solver!r}, refresh_every={self.refresh_every}, nonfinite={self.nonfinite!r},\n"
+            f"  {self.optimizer!r})"
+        )
+
+    # ---- public API --------------------------------------------------------------------
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The objectives' names, fixed by the first ``backward`` (empty before)."""
+        return self._names or ()
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The smoothed balancing weights α by objective (empty before the first step)."""
+        if self._ema.value is None or self._names is None:
+            return {}
+        return dict(zip(self._names, self._ema.value.tolist()))
+
+    def reset_weights(self) -> None:
+        """Forget the objectives, the smoothed weights and the cached loss weights."""
+        self._names = None
+        self._ema.reset()
+        self._last_raw = None
+        self._loss_weights = None
+        self._pending = _Pending()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared: Tensor | Sequence[Tensor] | None = None,
+        extra: Tensor | None = None,
+    ) -> BalanceReport:
+        """Accumulate the balanced gradient of ``losses`` into ``p.grad``.
+
+        Args:
+            losses: ``{name: scalar loss}``, K ≥ 1, each with a path to a trainable parameter.
+            shared: for ``gram="shared"``: the tensor (or tensors) every loss is computed from.
+            extra: an optional scalar loss added to the update unbalanced (a KL or weight
+                penalty): its gradient is added after balancing.
+
+        Returns:
+            A ``BalanceReport``. When it says ``skipped``, no gradient was written and the
+            next ``step()`` leaves parameters and optimizer state untouched.
+        """
+        names, tensors = self._check_losses(losses)
+        shared_list = self._check_shared(shared)
+        if extra is not None:
+            extra = self._check_scalar("extra", extra)
+        params = self._trainable_params()
+        values = torch.stack([t.detach().float() for t in tensors]).cpu().double().numpy()
+        bad_loss = ~np.isfinite(values)
+        excluded_bad = np.zeros(len(names), dtype=bool)
+        if bad_loss.any():
+            detail = ", ".join(f"{names[k]!r} = {values[k]}" for k in np.flatnonzero(bad_loss))
+            if self.nonfinite != "exclude" or bad_loss.all():
+                return self._nonfinite(names, values, f"non-finite loss: {detail}")
+            excluded_bad |= bad_loss
+        if extra is not None and not torch.isfinite(extra.detach()).all():
+            return self._nonfinite(names, values, f"non-finite extra loss: {float(extra.detach())}")
+
+        solve = self._loss_weights is None or self.num_steps % self.refresh_every == 0 or self._pending.count > 0
+        if not solve:
+            return self._apply_cached(names, values, tensors, params, extra)
+        return self._solve_and_apply(names, values, tensors, params, shared_list, extra, excluded_bad)
+
+    def step(  # type: ignore[override]
+        self,
+        losses: Mapping[str, Tensor] | Callable[[], Any] | None = None,
+        *,
+        shared: Tensor | Sequence[Tensor] | None = None,
+        extra: Tensor | None = None,
+        closure: Callable[[], Any] | None = None,
+    ) -> Any:
+        """With ``losses``: ``backward(losses, ...)`` then the wrapped step; returns the report.
+
+        Without: the wrapped optimizer's step on the gradients already in ``p.grad`` (the
+        ``GradScaler`` / accelerate path), returning what it returns. Either way the step is
+        not taken if the last ``backward`` skipped; the smoothed weights advance only when
+        the wrapped step really runs.
+        """
+        if callable(losses) and not isinstance(losses, Mapping):
+            closure, losses = losses, None  # positional closure, as torch.optim passes it
+        report = None
+        if losses is not None:
+            if closure is not None:
+                raise ValueError("pass either losses or a closure to step(), not both")
+            report = self.backward(losses, shared=shared, extra=extra)
+        elif shared is not None or extra is not None:
+            raise ValueError("shared= and extra= need losses: step(losses, shared=..., extra=...)")
+        if self._pending.skip:
+            self._pending = _Pending()
+            return report
+        out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self._commit()
+        return report if losses is not None else out
+
+    # ---- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus a ``"marble"`` entry (tensors and scalars)."""
+        sd = self.optimizer.state_dict()
+        sd["marble"] = {
+            "names": list(self._names) if self._names is not None else None,
+            "ema": None if self._ema.value is None else self._ema.value.clone(),
+            "last_raw": None if self._last_raw is None else torch.from_numpy(self._last_raw.copy()),
+            "loss_weights": None if self._loss_weights is None else torch.from_numpy(self._loss_weights.copy()),
+            "num_steps": int(self.num_steps),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        marble = state_dict.pop("marble", None)
+        self.optimizer.load_state_dict(state_dict)
+        self.reset_weights()
+        if marble is None:
+            return
+        names = marble.get("names")
+        self._names = tuple(names) if names is not None else None
+        ema = marble.get("ema")
+        self._ema.value = None if ema is None else torch.as_tensor(ema, dtype=torch.float64).clone()
+        for attr, key in (("_last_raw", "last_raw"), ("_loss_weights", "loss_weights")):
+            value = marble.get(key)
+            setattr(self, attr, None if value is None else torch.as_tensor(value, dtype=torch.float64).numpy().copy())
+        self.num_steps = int(marble.get("num_steps", 0))
+
+    # ---- internals -------------------------------------------------------------------------
+    def _trainable_params(self) -> list[Tensor]:
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if not params:
+            raise ValueError("the wrapped optimizer has no parameter that requires grad")
+        return params
+
+    @staticmethod
+    def _check_gram_params(optimizer: torch.optim.Optimizer, gram_params: Sequence[Tensor]) -> list[Tensor]:
+        if isinstance(gram_params, Tensor):
+            gram_params = [gram_params]
+        gram_params = list(gram_params)
+        if not gram_params:
+            raise ValueError("gram_params is empty: name at least one parameter to measure G on")
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for i, p in enumerate(gram_params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"gram_params[{i}] must be a tensor (a parameter), got {type(p).__name__}")
+            if id(p) not in known:
+                raise ValueError(
+                    f"gram_params[{i}] (shape {tuple(p.shape)}) is not a parameter of the wrapped optimizer"
+                )
+            if not p.requires_grad:
+                raise ValueError(f"gram_params[{i}] (shape {tuple(p.shape)}) does not require grad")
+        return gram_params
+
+    @staticmethod
+    def _check_scalar(name: str, value: Any) -> Tensor:
+        if not isinstance(value, Tensor):
+            raise TypeError(f"loss {name!r} must be a torch.Tensor, got {type(value).__name__}: {value!r}")
+        if value.numel() != 1:
+            raise ValueError(f"loss {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if not value.requires_grad:
+            raise ValueError(
+                f"loss {name!r} = {float(value.detach())} does not require grad: it has no path to a "
+                "trainable parameter (was it computed under torch.no_grad() or from detached tensors?)"
+            )
+        return value.reshape(())
+
+    def _check_losses(self, losses: Mapping[str, Tensor]) -> tuple[tuple[str, ...], list[Tensor]]:
+        if not isinstance(losses, Mapping):
+            raise TypeError(f"losses must be a dict {{name: scalar loss}}, got {type(losses).__name__}")
+        if not losses:
+            raise ValueError("losses is empty: pass at least one {name: loss}")
+        for key in losses:
+            if not isinstance(key, str):
+                raise TypeError(f"loss names must be strings, got {key!r} ({type(key).__name__})")
+        if self._names is None:
+            names = tuple(losses)
+        else:
+            names = self._names
+            missing = [n for n in names if n not in losses]
+            new = [n for n in losses if n not in names]
+            if missing or new:
+                raise ValueError(
+                    f"the objectives changed since the first step: missing {missing}, new {new} "
+                    f"(expected {list(names)}); pass a NaN loss to leave one out for a step with "
+                    "nonfinite='exclude', or call reset_weights() to start over with new objectives"
+                )
+        tensors = [self._check_scalar(n, losses[n]) for n in names]
+        if self._names is None:
+            self._names = names
+        return names, tensors
+
+    def _check_shared(self, shared: Tensor | Sequence[Tensor] | None) -> list[Tensor] | None:
+        if shared is None:
+            return None
+        if isinstance(shared, Tensor):
+            return [shared]
+        if isinstance(shared, Sequence) and shared:
+            return list(shared)
+        raise TypeError(f"shared must be a tensor or a non-empty list of tensors, got {type(shared).__name__}")
+
+    def _nonfinite(self, names: tuple[str, ...], values: np.ndarray, reason: str) -> BalanceReport:
+        self.source.release()
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"{reason} (nonfinite='raise')")
+        self._pending.skip = True
+        return self._report(names, values, skipped=True, status="skipped", reason=reason)
+
+    def _apply_cached(self, names, values, tensors, params, extra) -> BalanceReport:
+        w = self._loss_weights
+        assert w is not None
+        usable = np.isfinite(values) | (w == 0.0)
+        w = np.where(usable, w, 0.0)
+        if not combined_backward(tensors, w, params, extra):
+            return self._nonfinite(names, values, "non-finite gradient of the combined loss")
+        alpha = self._ema.value.numpy() if self._ema.value is not None else np.zeros(len(names))
+        return self._report(names, values, weights=alpha, loss_weights=w, status="cached")
+
+    def _solve_and_apply(self, names, values, tensors, params, shared, extra, excluded_bad) -> BalanceReport:
+        keep_graph = extra is not None
+        gram = self.source.gram(tensors, names, params, shared, keep_graph=keep_graph)
+        diag = np.diag(gram)
+        bad_grad = ~np.isfinite(diag) | ~np.isfinite(gram).all(axis=1)
+        bad_grad &= ~excluded_bad
+        if bad_grad.any():
+            detail = ", ".join(repr(names[k]) for k in np.flatnonzero(bad_grad))
+            if self.nonfinite != "exclude":
+                return self._nonfinite(names, values, f"non-finite gradient of {detail}")
+            excluded_bad = excluded_bad | bad_grad
+        usable = ~excluded_bad
+        gram = np.where(np.outer(usable, usable), gram, 0.0)
+        norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+        valid = usable & (norms > MIN_GRAD_NORM)
+        excluded = tuple(names[k] for k in np.flatnonzero(~valid))
+        if not valid.any():
+            self.source.release()
+            self._pending.skip = True
+            return self._report(
+                names, values, gram=gram, norms=norms, excluded=excluded, skipped=True, status="skipped",
+                reason="no objective has a finite, non-zero gradient",
+            )
+        scales = objective_scales(norms, values, valid, self.normalize, names)
+        raw = np.zeros(len(names))
+        scaled = gram[np.ix_(valid, valid)] * np.outer(scales[valid], scales[valid])
+        warm = None
+        if self._last_raw is not None and self._last_raw[valid].sum() > 0:
+            warm = self._last_raw[valid]
+        alpha_valid, status = self._solver.solve(scaled, warm, validated=True)
+        raw[valid] = alpha_valid
+        smoothed = self._ema.candidate(torch.from_numpy(raw)).numpy()
+        w = combine_weights(smoothed, scales, norms, valid, rescale=self.rescale)
+        if not self.source.apply(w, tensors, params, extra):
+            return self._nonfinite(names, values, "non-finite gradient of the combined loss")
+        self._pending.add(raw, scales, norms, valid)
+        applied = np.where(valid, smoothed, 0.0)
+        applied = applied / applied.sum()
+        return self._report(
+            names, values, weights=applied, raw=raw, loss_weights=w, gram=gram, norms=norms,
+            excluded=excluded, status=status,
+        )
+
+    def _commit(self) -> None:
+        """Advance the smoothed weights after a real step of the wrapped optimizer."""
+        pending = self._pending
+        self._pending = _Pending()
+        self.num_steps += 1
+        if pending.count == 0:
+            return
+        assert pending.raw_sum is not None and pending.valid is not None
+        mean_raw = pending.raw_sum / pending.count
+        value = self._ema.commit(torch.from_numpy(mean_raw)).numpy()
+        self._last_raw = pending.last_raw
+        self._loss_weights = combine_weights(value, pending.scales, pending.norms, pending.valid, rescale=self.rescale)
+
+    def _report(
+        self,
+        names: tuple[str, ...],
+        values: np.ndarray,
+        *,
+        weights: np.ndarray | None = None,
+        raw: np.ndarray | None = None,
+        loss_weights: np.ndarray | None = None,
+        gram: np.ndarray | None = None,
+        norms: np.ndarray | None = None,
+        excluded: tuple[str, ...] = (),
+        skipped: bool = False,
+        status: str,
+        reason: str = "",
+    ) -> BalanceReport:
+        def named(x: np.ndarray | None) -> dict[str, float]:
+            return {} if x is None else {n: float(v) for n, v in zip(names, x)}
+
+        cosine = update_cos = mean_cos = None
+        if gram is not None and norms is not None:
+            cosine = cosine_matrix(gram, norms)
+            if loss_weights is not None:
+                update_cos = update_cosines(gram, loss_weights, norms)
+                valid = norms > MIN_GRAD_NORM
+                mean_cos = update_cosines(gram, np.where(valid, 1.0 / max(int(valid.sum()), 1), 0.0), norms)
+        return BalanceReport(
+            names=names,
+            weights=named(weights),
+            raw_weights=named(raw),
+            loss_weights=named(loss_weights),
+            losses=named(values),
+            gram=gram,
+            cosine=cosine,
+            grad_norms=named(norms),
+            update_cosine=named(update_cos),
+            mean_cosine=named(mean_cos),
+            excluded=excluded,
+            skipped=skipped,
+            solved=raw is not None,
+            solver_status=status,
+            reason=reason,
+        )

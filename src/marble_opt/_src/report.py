@@ -1,0 +1,66 @@
+"""What one balancing step did, for logging and diagnostics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["BalanceReport"]
+
+
+@dataclass(frozen=True)
+class BalanceReport:
+    """The outcome of one ``MarbleOptimizer.backward`` call.
+
+    Per-objective fields are dicts keyed by objective name, in the optimizer's order
+    (``names``). Matrices are float64 numpy arrays (K×K) in that order, or None on a step
+    that reused cached weights (``solved=False``, see ``refresh_every``).
+
+    Attributes:
+        names: objective names, in order.
+        weights: balancing weights α applied this step (smoothed, on the simplex over the
+            objectives that took part).
+        raw_weights: the QP's solution α* before smoothing (empty when not solved).
+        loss_weights: the coefficients ``w_k`` of the update ``d = Σ_k w_k ∇L_k``.
+        losses: the loss values.
+        gram: ``G_kl = ⟨∇L_k, ∇L_l⟩`` as measured by the Gram source.
+        cosine: ``cos(∇L_k, ∇L_l)``.
+        grad_norms: ``‖∇L_k‖``.
+        update_cosine: cosine of the combined update ``d`` with each ``∇L_k``.
+        mean_cosine: cosine of the plain mean of the gradients with each ``∇L_k`` (the
+            weighted-sum baseline's diagnostic, from the same Gram at no extra cost).
+        excluded: objectives left out of the QP (zero or non-finite gradient).
+        skipped: True when no update was written (non-finite input under
+            ``nonfinite="skip"``, or no objective with a usable gradient).
+        solved: whether the QP was solved this step (False on cached-weight steps).
+        solver_status: the path that produced ``raw_weights`` (``"osqp"``,
+            ``"active-set"``, ``"closed-form"``, ...), ``"cached"`` or ``"skipped"``.
+        reason: why the step was skipped or objectives excluded, human readable.
+    """
+
+    names: tuple[str, ...]
+    weights: dict[str, float]
+    raw_weights: dict[str, float]
+    loss_weights: dict[str, float]
+    losses: dict[str, float]
+    gram: np.ndarray | None
+    cosine: np.ndarray | None
+    grad_norms: dict[str, float]
+    update_cosine: dict[str, float]
+    mean_cosine: dict[str, float]
+    excluded: tuple[str, ...]
+    skipped: bool
+    solved: bool
+    solver_status: str
+    reason: str = ""
+
+    @property
+    def worst_update_cosine(self) -> float:
+        """The smallest update cosine over objectives (NaN when not measured)."""
+        return min(self.update_cosine.values(), default=float("nan"))
+
+    @property
+    def worst_mean_cosine(self) -> float:
+        """The smallest cosine of the plain mean with any objective (NaN when not measured)."""
+        return min(self.mean_cosine.values(), default=float("nan"))

@@ -1,0 +1,166 @@
+"""Multi-reward RL helpers for flow-matching models (DiffusionNFT), torch only.
+
+- ``group_advantages``: one advantage per reward, centred within each prompt group and
+  scaled by the reward's standard deviation (over the whole batch by default).
+- ``nft_losses``: the DiffusionNFT loss of each reward, all sharing one graph through the
+  predicted velocity, ready for ``MarbleOptimizer.step(out.losses, shared=v_theta,
+  extra=out.kl)``.
+
+Because the NFT loss is affine in the optimality probability ``r``, for weights summing to
+one ``Σ_k w_k ∇L_k = ∇L(Σ_k w_k r_k)``: balancing K rewards costs one backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["NFTLosses", "group_advantages", "nft_losses", "optimality_probability"]
+
+
+def _check_batch(name: str, value: Tensor, batch: int) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.ndim != 1 or value.shape[0] != batch:
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(value.shape)}")
+    return value
+
+
+def group_advantages(
+    rewards: Mapping[str, Tensor],
+    group_ids: Tensor,
+    *,
+    eps: float = 1e-4,
+    global_std: bool = True,
+) -> dict[str, Tensor]:
+    """Per-reward advantages ``A_k(i) = (R_k(i) − mean_{j∈group(i)} R_k(j)) / (std_k + eps)``.
+
+    Args:
+        rewards: ``{name: (B,) rewards}``; NaN marks a sample the reward does not apply to.
+        group_ids: (B,) integer id of each sample's prompt group.
+        eps: added to the standard deviation.
+        global_std: std of R_k over all valid samples of the batch (DiffusionNFT's and the
+            MARBLE authors' setting, the default); False: std within each group.
+
+    Returns:
+        ``{name: (B,) float32 advantages}``; 0 where the reward is NaN, and 0 for a group
+        whose valid rewards are all equal (never NaN).
+    """
+    if not isinstance(rewards, Mapping) or not rewards:
+        raise ValueError("rewards must be a non-empty dict {name: (B,) tensor}")
+    if not isinstance(group_ids, Tensor) or group_ids.ndim != 1:
+        raise ValueError(f"group_ids must be a 1-D tensor of shape (B,), got {group_ids!r}")
+    batch = group_ids.shape[0]
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(inverse.max()) + 1 if batch else 0
+    out: dict[str, Tensor] = {}
+    for name, reward in rewards.items():
+        r = _check_batch(f"rewards[{name!r}]", reward, batch).detach().to(torch.float64)
+        valid = torch.isfinite(r)
+        r0 = torch.where(valid, r, torch.zeros_like(r))
+        vf = valid.to(torch.float64)
+        count = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, inverse, vf)
+        total = torch.zeros_like(count).index_add_(0, inverse, r0)
+        mean = total / count.clamp(min=1.0)
+        centred = torch.where(valid, r0 - mean[inverse], torch.zeros_like(r0))
+        if global_std:
+            n = vf.sum().clamp(min=1.0)
+            batch_mean = r0.sum() / n
+            std_i = torch.sqrt((((r0 - batch_mean) ** 2) * vf).sum() / n).expand_as(r0)
+        else:
+            var = torch.zeros_like(count).index_add_(0, inverse, centred**2) / count.clamp(min=1.0)
+            std_i = var.sqrt()[inverse]
+        out[name] = (centred / (std_i + eps)).to(torch.float32)
+    return out
+
+
+def optimality_probability(advantage: Tensor, clip: float = 5.0) -> Tensor:
+    """``r = clip(A, −C, C) / (2C) + ½`` ∈ [0, 1], the NFT optimality probability."""
+    return advantage.clamp(-clip, clip) / (2.0 * clip) + 0.5
+
+
+class NFTLosses(NamedTuple):
+    """Per-reward NFT losses sharing one graph, and the unbalanced KL term (or None)."""
+
+    losses: dict[str, Tensor]
+    kl: Tensor | None
+
+
+def nft_losses(
+    v_theta: Tensor,
+    v_old: Tensor,
+    x0: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    advantages: Mapping[str, Tensor],
+    *,
+    beta: float = 0.1,
+    adv_clip: float = 5.0,
+    masks: Mapping[str, Tensor] | None = None,
+    v_ref: Tensor | None = None,
+    kl_weight: float = 1e-4,
+    min_weight: float = 1e-5,
+) -> NFTLosses:
+    """DiffusionNFT losses, one per reward, on a batch of noised samples.
+
+    With ``x_t = (1−t)·x0 + t·ε`` and velocities ``v = ε − x0``:
+    ``v⁺ = β v_θ + (1−β) v_old``, ``v⁻ = (1+β) v_old − β v_θ``, ``x̂± = x_t − t v±``;
+    ``P_i = mean((x̂⁺−x0)²)/w⁺_i``, ``N_i = mean((x̂⁻−x0)²)/w⁻_i`` with ``w±`` the detached
+    mean absolute error of ``x̂±`` (clamped at ``min_weight``); per reward
+    ``L_k = mean_{i valid for k} C·(r_k(i)·P_i + (1−r_k(i))·N_i)/β`` with ``r_k`` from
+    ``optimality_probability(A_k, C)``.
+
+    Args:
+        v_theta: (B, ...) velocity of the policy being trained (requires grad).
+        v_old: (B, ...) velocity of the old (sampling) policy; detached here.
+        x0: (B, ...) clean samples; x_t: (B, ...) noised samples; t: (B,) times in [0, 1].
+        advantages: ``{name: (B,)}`` from ``group_advantages``.
+        beta: NFT's β (> 0). adv_clip: C.
+        masks: optional ``{name: (B,) bool}``; samples where False are left out of that
+            reward's mean (a reward with no valid sample gives a zero loss, still on the graph).
+        v_ref: optional (B, ...) velocity of the frozen reference (e.g. LoRA disabled);
+            gives ``kl = kl_weight · mean((v_θ − v_ref)²)``, kept out of the balancing.
+
+    Returns:
+        ``NFTLosses(losses={name: scalar}, kl=scalar or None)``.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta!r}")
+    if not adv_clip > 0:
+        raise ValueError(f"adv_clip must be > 0, got {adv_clip!r}")
+    for name, value in (("v_old", v_old), ("x0", x0), ("x_t", x_t)):
+        if value.shape != v_theta.shape:
+            raise ValueError(f"{name} must have the shape of v_theta {tuple(v_theta.shape)}, got {tuple(value.shape)}")
+    batch = v_theta.shape[0]
+    t = _check_batch("t", t, batch).to(v_theta.dtype).view(batch, *([1] * (v_theta.ndim - 1)))
+    dims = tuple(range(1, v_theta.ndim))
+    v_old = v_old.detach()
+    x0 = x0.detach()
+    x_t = x_t.detach()
+
+    def weighted_error(velocity: Tensor) -> Tensor:
+        err = x_t - t * velocity - x0
+        with torch.no_grad():
+            weight = err.detach().abs().mean(dim=dims).clamp(min=min_weight)
+        return (err**2).mean(dim=dims) / weight
+
+    positive = weighted_error(beta * v_theta + (1.0 - beta) * v_old)
+    negative = weighted_error((1.0 + beta) * v_old - beta * v_theta)
+    losses: dict[str, Tensor] = {}
+    for name, adv in advantages.items():
+        r = optimality_probability(_check_batch(f"advantages[{name!r}]", adv, batch).to(positive.dtype), adv_clip)
+        per_sample = adv_clip * (r * positive + (1.0 - r) * negative) / beta
+        if masks is not None and name in masks:
+            m = _check_batch(f"masks[{name!r}]", masks[name], batch).to(per_sample.dtype)
+            losses[name] = (per_sample * m).sum() / m.sum().clamp(min=1.0)
+        else:
+            losses[name] = per_sample.mean()
+    kl = None
+    if v_ref is not None:
+        if v_ref.shape != v_theta.shape:
+            raise ValueError(f"v_ref must have the shape of v_theta {tuple(v_theta.shape)}, got {tuple(v_ref.shape)}")
+        kl = kl_weight * ((v_theta - v_ref.detach()) ** 2).mean()
+    return NFTLosses(losses, kl)
