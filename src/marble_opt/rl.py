@@ -38,10 +38,14 @@ def group_advantages(
 ) -> dict[str, Tensor]:
     """Per-reward advantages ``A_k(i) = (R_k(i) − mean_{j∈group(i)} R_k(j)) / (std_k + eps)``.
 
+    Means and standard deviations (population, ddof=0) are taken over the valid samples
+    only.
+
     Args:
-        rewards: ``{name: (B,) rewards}``; NaN marks a sample the reward does not apply to.
+        rewards: ``{name: (B,) rewards}``; NaN (or ±inf) marks a sample the reward does not
+            apply to.
         group_ids: (B,) integer id of each sample's prompt group.
-        eps: added to the standard deviation.
+        eps: added to the standard deviation (>= 0).
         global_std: std of R_k over all valid samples of the batch (DiffusionNFT's and the
             MARBLE authors' setting, the default); False: std within each group.
 
@@ -53,27 +57,38 @@ def group_advantages(
         raise ValueError("rewards must be a non-empty dict {name: (B,) tensor}")
     if not isinstance(group_ids, Tensor) or group_ids.ndim != 1:
         raise ValueError(f"group_ids must be a 1-D tensor of shape (B,), got {group_ids!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     batch = group_ids.shape[0]
     _, inverse = torch.unique(group_ids, return_inverse=True)
     num_groups = int(inverse.max()) + 1 if batch else 0
     out: dict[str, Tensor] = {}
     for name, reward in rewards.items():
         r = _check_batch(f"rewards[{name!r}]", reward, batch).detach().to(torch.float64)
+        inv = inverse.to(r.device)
         valid = torch.isfinite(r)
         r0 = torch.where(valid, r, torch.zeros_like(r))
         vf = valid.to(torch.float64)
-        count = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, inverse, vf)
-        total = torch.zeros_like(count).index_add_(0, inverse, r0)
+        count = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, inv, vf)
+        total = torch.zeros_like(count).index_add_(0, inv, r0)
         mean = total / count.clamp(min=1.0)
-        centred = torch.where(valid, r0 - mean[inverse], torch.zeros_like(r0))
+        # a group whose valid rewards are all equal is centred to exact zeros (its float mean
+        # may differ from the common value in the last bit)
+        inf = torch.full_like(count, float("inf"))
+        hi = (-inf).scatter_reduce(0, inv, torch.where(valid, r, -inf[inv]), "amax")
+        lo = inf.scatter_reduce(0, inv, torch.where(valid, r, inf[inv]), "amin")
+        spread = valid & (hi > lo)[inv]
+        centred = torch.where(spread, r0 - mean[inv], torch.zeros_like(r0))
         if global_std:
             n = vf.sum().clamp(min=1.0)
             batch_mean = r0.sum() / n
             std_i = torch.sqrt((((r0 - batch_mean) ** 2) * vf).sum() / n).expand_as(r0)
         else:
-            var = torch.zeros_like(count).index_add_(0, inverse, centred**2) / count.clamp(min=1.0)
-            std_i = var.sqrt()[inverse]
-        out[name] = (centred / (std_i + eps)).to(torch.float32)
+            var = torch.zeros_like(count).index_add_(0, inv, centred**2) / count.clamp(min=1.0)
+            std_i = var.sqrt()[inv]
+        # centred != 0 implies a positive std, so eps = 0 is safe
+        adv = torch.where(centred != 0, centred / (std_i + eps), torch.zeros_like(centred))
+        out[name] = adv.to(torch.float32)
     return out
 
 
@@ -121,6 +136,7 @@ def nft_losses(
         beta: NFT's β (> 0). adv_clip: C.
         masks: optional ``{name: (B,) bool}``; samples where False are left out of that
             reward's mean (a reward with no valid sample gives a zero loss, still on the graph).
+            A non-finite advantage leaves its sample out of that reward as well.
         v_ref: optional (B, ...) velocity of the frozen reference (e.g. LoRA disabled);
             gives ``kl = kl_weight · mean((v_θ − v_ref)²)``, kept out of the balancing.
 
@@ -131,6 +147,12 @@ def nft_losses(
         raise ValueError(f"beta must be > 0, got {beta!r}")
     if not adv_clip > 0:
         raise ValueError(f"adv_clip must be > 0, got {adv_clip!r}")
+    if not isinstance(advantages, Mapping) or not advantages:
+        raise ValueError("advantages must be a non-empty dict {name: (B,) tensor}")
+    if masks is not None:
+        unknown = [k for k in masks if k not in advantages]
+        if unknown:
+            raise ValueError(f"masks has keys {unknown} that are not rewards in advantages {list(advantages)}")
     for name, value in (("v_old", v_old), ("x0", x0), ("x_t", x_t)):
         if value.shape != v_theta.shape:
             raise ValueError(f"{name} must have the shape of v_theta {tuple(v_theta.shape)}, got {tuple(value.shape)}")
@@ -151,13 +173,15 @@ def nft_losses(
     negative = weighted_error((1.0 + beta) * v_old - beta * v_theta)
     losses: dict[str, Tensor] = {}
     for name, adv in advantages.items():
-        r = optimality_probability(_check_batch(f"advantages[{name!r}]", adv, batch).to(positive.dtype), adv_clip)
-        per_sample = adv_clip * (r * positive + (1.0 - r) * negative) / beta
+        adv = _check_batch(f"advantages[{name!r}]", adv, batch).detach().to(positive.dtype)
+        keep = torch.isfinite(adv)
         if masks is not None and name in masks:
-            m = _check_batch(f"masks[{name!r}]", masks[name], batch).to(per_sample.dtype)
-            losses[name] = (per_sample * m).sum() / m.sum().clamp(min=1.0)
-        else:
-            losses[name] = per_sample.mean()
+            keep = keep & (_check_batch(f"masks[{name!r}]", masks[name], batch).to(keep.device) != 0)
+        r = optimality_probability(torch.where(keep, adv, torch.zeros_like(adv)), adv_clip)
+        per_sample = adv_clip * (r * positive + (1.0 - r) * negative) / beta
+        # where(), not a product: a non-finite value of a left-out sample does not reach the loss
+        kept = torch.where(keep, per_sample, torch.zeros_like(per_sample))
+        losses[name] = kept.sum() / keep.sum().clamp(min=1).to(per_sample.dtype)
     kl = None
     if v_ref is not None:
         if v_ref.shape != v_theta.shape:

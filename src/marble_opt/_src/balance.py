@@ -40,7 +40,7 @@ def objective_scales(
             if not losses[k] > 0.0:
                 raise ValueError(
                     f"normalize={normalize!r} divides by the loss, but loss {names[k]!r} = "
-                    f"{losses[k]!r} is not positive; use normalize='l2' or shift the loss"
+                    f"{float(losses[k])!r} is not positive; use normalize='l2' or shift the loss"
                 )
     v = valid
     if normalize == "l2":
@@ -65,6 +65,9 @@ def combine_weights(
     ``m = mean‖g_k‖ / mean‖ĝ_k‖`` over valid objectives puts the update at the scale of a
     typical raw gradient (for ``"l2"``: ``m = mean‖g_k‖``); without it ``m = 1``.
     """
+    if rescale and int(valid.sum()) == 1:
+        # One usable objective: its own gradient, exactly (m·s_k = 1 up to rounding).
+        return np.where(valid, 1.0, 0.0)
     a = np.where(valid, alpha, 0.0)
     total = a.sum()
     a = a / total if total > 0 else np.where(valid, 1.0 / max(int(valid.sum()), 1), 0.0)

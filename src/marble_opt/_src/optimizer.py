@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .balance import MIN_GRAD_NORM, NORMALIZATIONS, combine_weights, cosine_matrix, objective_scales, update_cosines
+from .distributed import Collective
 from .qp import MinNormSolver
 from .report import BalanceReport
 from .smoothing import WeightEMA
@@ -67,6 +68,13 @@ class MarbleOptimizer(torch.optim.Optimizer):
         nonfinite: a non-finite loss or gradient ``"skip"``\ s the step (parameters,
             optimizer state and weights untouched, ``report.skipped``), ``"raise"``\ s
             ``FloatingPointError``, or is ``"exclude"``\ d from the QP for that step.
+        process_group: the ranks of a data-parallel job to agree with. ``None``: the
+            default group whenever ``torch.distributed`` is initialized; a
+            ``ProcessGroup``: that one; ``False``: none (each rank balances its own batch).
+            With equal local batches and losses that are local means, the step equals one
+            process on the whole batch (see ``marble_opt._src.distributed``): wrap the model
+            in DDP as usual; the exact sources average their per-objective gradients
+            themselves, the others rely on DDP for their one ordinary backward.
 
     Objectives are fixed by the first call: later calls must pass the same names (any
     order), else ``ValueError`` names the missing or new ones; ``reset_weights()`` forgets
@@ -85,6 +93,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         gram_params: Sequence[Tensor] | None = None,
         refresh_every: int = 1,
         nonfinite: str = "skip",
+        process_group: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -103,6 +112,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if gram_params is not None:
             gram_params = self._check_gram_params(optimizer, gram_params)
         self.source: GramSource = make_source(gram, gram_params)
+        self._comm = Collective(process_group)
+        self._comm.check_params(p for group in optimizer.param_groups for p in group["params"])
+        self.source.comm = self._comm
 
         # torch.optim.Optimizer.__init__ would build its own param_groups/state; we share the
         # wrapped optimizer's instead and set up only the hook tables it relies on.
@@ -159,6 +171,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
         # but the solver's OSQP workspaces, which are rebuilt on demand.
         state = self.__dict__.copy()
         state["_solver"] = self._solver.solver
+        # An LR scheduler replaces self.step by a wrapper bound to *this* object (unpicklable,
+        # and a deepcopy would step the original); torch.optim.Optimizer never copies it.
+        state.pop("step", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -200,6 +215,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        # A new accumulation: forget a skipped backward whose step() never came (GradScaler
+        # skips calling it on inf) and weights of micro-batches whose gradients are gone.
+        self._pending = _Pending()
 
     def backward(
         self,
@@ -217,15 +235,19 @@ class MarbleOptimizer(torch.optim.Optimizer):
                 penalty): its gradient is added after balancing.
 
         Returns:
-            A ``BalanceReport``. When it says ``skipped``, no gradient was written and the
-            next ``step()`` leaves parameters and optimizer state untouched.
+            A ``BalanceReport``. When it says ``skipped``, no update was written (on
+            non-finite input ``p.grad`` is set to NaN, so ``GradScaler`` and accelerate skip
+            as well) and the next ``step()`` leaves parameters and optimizer state untouched.
         """
         names, tensors = self._check_losses(losses)
         shared_list = self._check_shared(shared)
         if extra is not None:
             extra = self._check_scalar("extra", extra)
         params = self._trainable_params()
-        values = torch.stack([t.detach().float() for t in tensors]).cpu().double().numpy()
+        local = [t.detach().float() for t in tensors] + ([extra.detach().float()] if extra is not None else [])
+        # Under torch.distributed: the mean over ranks, non-finite on every rank if on any.
+        values = self._comm.mean_losses(torch.stack(local).cpu().double().numpy(), tensors[0].device)
+        values, extra_value = values[: len(names)], (values[len(names)] if extra is not None else 0.0)
         bad_loss = ~np.isfinite(values)
         excluded_bad = np.zeros(len(names), dtype=bool)
         if bad_loss.any():
@@ -233,8 +255,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
             if self.nonfinite != "exclude" or bad_loss.all():
                 return self._nonfinite(names, values, f"non-finite loss: {detail}")
             excluded_bad |= bad_loss
-        if extra is not None and not torch.isfinite(extra.detach()).all():
-            return self._nonfinite(names, values, f"non-finite extra loss: {float(extra.detach())}")
+        if not np.isfinite(extra_value):
+            return self._nonfinite(names, values, f"non-finite extra loss: {extra_value}")
 
         solve = self._loss_weights is None or self.num_steps % self.refresh_every == 0 or self._pending.count > 0
         if not solve:
@@ -361,8 +383,6 @@ class MarbleOptimizer(torch.optim.Optimizer):
                     "nonfinite='exclude', or call reset_weights() to start over with new objectives"
                 )
         tensors = [self._check_scalar(n, losses[n]) for n in names]
-        if self._names is None:
-            self._names = names
         return names, tensors
 
     def _check_shared(self, shared: Tensor | Sequence[Tensor] | None) -> list[Tensor] | None:
@@ -379,14 +399,26 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if self.nonfinite == "raise":
             raise FloatingPointError(f"{reason} (nonfinite='raise')")
         self._pending.skip = True
+        self._mark_grads(float("nan"))
         return self._report(names, values, skipped=True, status="skipped", reason=reason)
+
+    def _mark_grads(self, value: float) -> None:
+        """Make a skipped backward visible where GradScaler and accelerate look: they skip the
+        step on a non-finite ``p.grad`` (and need a ``p.grad`` to look at). ``value=0`` only
+        fills missing gradients."""
+        for p in self._trainable_params():
+            if p.grad is None:
+                p.grad = torch.full_like(p, value)
+            elif value != 0.0:
+                p.grad.fill_(value)
 
     def _apply_cached(self, names, values, tensors, params, extra) -> BalanceReport:
         w = self._loss_weights
         assert w is not None
         usable = np.isfinite(values) | (w == 0.0)
         w = np.where(usable, w, 0.0)
-        if not combined_backward(tensors, w, params, extra):
+        ok = combined_backward(tensors, w, params, extra, in_place=self._comm.active)
+        if not self._comm.all_true(ok, tensors[0].device):
             return self._nonfinite(names, values, "non-finite gradient of the combined loss")
         alpha = self._ema.value.numpy() if self._ema.value is not None else np.zeros(len(names))
         return self._report(names, values, weights=alpha, loss_weights=w, status="cached")
@@ -394,8 +426,14 @@ class MarbleOptimizer(torch.optim.Optimizer):
     def _solve_and_apply(self, names, values, tensors, params, shared, extra, excluded_bad) -> BalanceReport:
         keep_graph = extra is not None
         gram = self.source.gram(tensors, names, params, shared, keep_graph=keep_graph)
+        # The QP's whole input, bit-identical on every rank (a no-op on one process).
+        gram, values = self._comm.same_everywhere(gram, values, device=tensors[0].device)
         diag = np.diag(gram)
-        bad_grad = ~np.isfinite(diag) | ~np.isfinite(gram).all(axis=1)
+        # A non-finite g_k makes its own ‖g_k‖² non-finite, and also every ⟨g_j, g_k⟩:
+        # blame the diagonal, not the rows it poisons.
+        bad_grad = ~np.isfinite(diag)
+        if not bad_grad.any():
+            bad_grad = ~np.isfinite(gram).all(axis=1)
         bad_grad &= ~excluded_bad
         if bad_grad.any():
             detail = ", ".join(repr(names[k]) for k in np.flatnonzero(bad_grad))
@@ -410,6 +448,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if not valid.any():
             self.source.release()
             self._pending.skip = True
+            self._mark_grads(0.0)
             return self._report(
                 names, values, gram=gram, norms=norms, excluded=excluded, skipped=True, status="skipped",
                 reason="no objective has a finite, non-zero gradient",
@@ -424,7 +463,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         raw[valid] = alpha_valid
         smoothed = self._ema.candidate(torch.from_numpy(raw)).numpy()
         w = combine_weights(smoothed, scales, norms, valid, rescale=self.rescale)
-        if not self.source.apply(w, tensors, params, extra):
+        if not self._comm.all_true(self.source.apply(w, tensors, params, extra), tensors[0].device):
             return self._nonfinite(names, values, "non-finite gradient of the combined loss")
         self._pending.add(raw, scales, norms, valid)
         applied = np.where(valid, smoothed, 0.0)
@@ -462,6 +501,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
         status: str,
         reason: str = "",
     ) -> BalanceReport:
+        if self._names is None:  # the first call that gets this far fixes the objectives
+            self._names = names
+
         def named(x: np.ndarray | None) -> dict[str, float]:
             return {} if x is None else {n: float(v) for n, v in zip(names, x)}
 

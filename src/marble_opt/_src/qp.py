@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import dgelss as _dgelss
+from scipy.linalg.lapack import dgesv as _dgesv
 
 __all__ = [
     "KKT_TOL",
@@ -102,18 +104,22 @@ def _affine_minimizer(g: np.ndarray, support: np.ndarray) -> np.ndarray:
     idx = None if full else np.flatnonzero(support)
     n = k if full else idx.size
     kkt = np.empty((n + 1, n + 1))
-    kkt[:n, :n] = g if full else g[np.ix_(idx, idx)]
+    kkt[:n, :n] = g if full else g.take(idx, 0).take(idx, 1)
     kkt[n, :] = 1.0
     kkt[:, n] = 1.0
     kkt[n, n] = 0.0
     rhs = np.zeros(n + 1)
     rhs[n] = 1.0
-    try:
-        sol = np.linalg.solve(kkt, rhs)
-        if not abs(float(sol[:n].sum()) - 1.0) <= 1e-9:  # also catches NaN
-            raise np.linalg.LinAlgError
-    except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+    # LAPACK's gesv directly: the same LU solve as np.linalg.solve without its ~5 µs of
+    # Python-side checks (this solve is most of a warm-started call). info > 0: singular.
+    sol, info = _dgesv(kkt, rhs)[2:]
+    if info != 0 or not abs(float(sol[:n].sum()) - 1.0) <= 1e-9:  # also catches NaN
+        # Least squares by SVD, with np.linalg.lstsq's default cutoff (eps · size), again
+        # without its Python-side overhead; np.linalg.lstsq if LAPACK reports trouble.
+        m = n + 1
+        sol, info = _dgelss(kkt, rhs, cond=np.finfo(np.float64).eps * m, lwork=5 * m + 64)[1::4]
+        if info != 0 or not np.isfinite(sol).all():
+            sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
     if full:
         return sol[:n]
     beta = np.zeros(k)
@@ -138,9 +144,14 @@ def _active_set(g: np.ndarray, alpha: np.ndarray, *, tol: float = KKT_TOL, max_i
                 alpha = beta
                 break
             neg = support & (beta <= 0.0)
-            theta = float(np.min(alpha[neg] / (alpha[neg] - beta[neg])))
+            # A just-added index has α = 0; where β is 0 there too the step is blocked
+            # (θ = 0) instead of 0/0 = NaN, which used to empty the support.
+            denom = alpha[neg] - beta[neg]
+            theta = float(np.min(np.where(denom > 0.0, alpha[neg] / np.where(denom > 0.0, denom, 1.0), 0.0)))
             alpha = alpha + theta * (beta - alpha)
             support &= alpha > 1e-15
+            if not support.any():  # numerical trouble (e.g. an indefinite, rounded G)
+                return None
             alpha[~support] = 0.0
             alpha = _to_simplex(alpha)
         grad = g @ alpha

@@ -1,0 +1,444 @@
+"""Cost of one optimizer step with each Gram source, against plain AdamW and TorchJD.
+
+A transformer-like model (a few ``nn.TransformerEncoderLayer`` blocks, the trunk, and K
+linear heads, one MSE loss per head) is trained by each method on its own copy of the same
+model, the methods interleaved round-robin in one run so that machine noise hits them alike.
+One timed step is forward + backward + optimizer step. Reported, per K:
+
+- ms per step (median over rounds) and the ratio to the plain AdamW step on ``Σ_k L_k``;
+- ``refresh_every=4`` (exact solve every 4th step) is timed over whole cycles of 4 steps, so
+  its figure is the amortized mean, not the (cheaper) median of the cached steps;
+- "K backward passes": one forward and K ``backward(retain_graph=True)`` calls, the floor
+  for ``gram="exact"`` (target: exact ≤ 1.1× this);
+- TorchJD 0.18: ``mtl_backward(losses, features=trunk output)`` then
+  ``jac_to_grad(trunk params, MGDA() | UPGrad())``;
+- peak extra memory: on a fresh copy of the method (new model copy and optimizer), the
+  largest amount of memory allocated during its first step (a whole cycle for
+  ``refresh_every``) on top of what was allocated before it: activations, gradients,
+  AdamW's state (the same 2×N floats for every method) and whatever the method keeps
+  (MARBLE's K×N gradient buffer, TorchJD's ``.jac`` fields). Parameters are not counted.
+  CPU: reconstructed from the allocation events of ``torch.profiler`` (untimed); CUDA:
+  ``torch.cuda.max_memory_allocated`` minus the allocation before the step.
+
+Fidelity (``ema_decay=0``, one training trajectory driven by the exact update): at every
+step, on the same batch and parameters, the cosine between each amortized update and the
+exact MARBLE update, and the largest gap between their balancing weights α. For
+``refresh_every=4`` the cached weights (solved up to 3 steps earlier) are compared with the
+weights an exact solve would give on the current batch (cosine from the exact step's Gram).
+
+Usage::
+
+    python benchmarks/step_overhead.py --out step_overhead.md          # full run, ~3-5 min
+    python benchmarks/step_overhead.py --quick                          # the test suite's run
+    python benchmarks/step_overhead.py --device cuda --out gpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from marble_opt import MarbleOptimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment_line, markdown_table, write_markdown  # noqa: E402
+
+try:  # optional: the bench extra
+    import torchjd
+    from torchjd.aggregation import MGDA, UPGrad
+    from torchjd.autojac import jac_to_grad, mtl_backward
+except ImportError:  # pragma: no cover - reported in the table
+    torchjd = None
+
+
+PLAIN = "plain AdamW (Σ L_k)"
+KPASS = "K backward passes"
+EXACT = "marble exact"
+
+
+@dataclass(frozen=True)
+class Config:
+    d_model: int
+    ff: int
+    layers: int
+    heads: int
+    batch: int
+    seq: int
+    ks: tuple[int, ...]
+    repeats: int
+    warmup: int
+    fidelity_steps: int
+    refresh: int = 4
+
+
+FULL = Config(d_model=128, ff=512, layers=4, heads=4, batch=8, seq=32, ks=(2, 5, 8), repeats=25, warmup=3,
+              fidelity_steps=12)
+QUICK = Config(d_model=32, ff=64, layers=2, heads=2, batch=4, seq=8, ks=(2, 3), repeats=3, warmup=1,
+               fidelity_steps=4)
+
+
+class Model(nn.Module):
+    """Transformer trunk and K linear heads; ``forward`` returns (trunk output, K losses)."""
+
+    def __init__(self, cfg: Config, k: int) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.heads, cfg.ff, dropout=0.0, batch_first=True)
+        self.trunk = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.heads = nn.ModuleList(nn.Linear(cfg.d_model, 1) for _ in range(k))
+        with torch.no_grad():  # heads read nearly the same feature direction: the tasks conflict
+            for h in self.heads[1:]:
+                h.weight.mul_(0.3).add_(self.heads[0].weight)
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        z = self.trunk(x)
+        losses = {f"task{k}": ((h(z).squeeze(-1) - y[k]) ** 2).mean() for k, h in enumerate(self.heads)}
+        return z, losses
+
+
+def make_batches(cfg: Config, k: int, n: int, device: torch.device, seed: int) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(cfg.batch, cfg.seq, cfg.d_model, generator=gen)
+        # targets on different scales and partly opposed, so the objectives conflict
+        base = torch.randn(cfg.batch, cfg.seq, generator=gen)
+        y = torch.stack([(1.0 + j) * ((-1) ** j) * base + torch.randn(cfg.batch, cfg.seq, generator=gen)
+                         for j in range(k)])
+        out.append((x.to(device), y.to(device)))
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- methods: each gets its own model copy and optimizer; step(batch) does one full step ----
+Step = Callable[[tuple[Tensor, Tensor]], None]
+
+
+def adamw(params) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+
+
+def plain(model: Model) -> Step:
+    opt = adamw(model.parameters())
+
+    def step(batch):
+        _, losses = model(*batch)
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt.step()
+
+    return step
+
+
+def k_backward(model: Model) -> Step:
+    opt = adamw(model.parameters())
+
+    def step(batch):
+        _, losses = model(*batch)
+        opt.zero_grad(set_to_none=True)
+        values = list(losses.values())
+        for i, loss in enumerate(values):
+            loss.backward(retain_graph=i < len(values) - 1)
+        opt.step()
+
+    return step
+
+
+def gram_params(model: Model, subset: str) -> list[nn.Parameter]:
+    last = model.trunk.layers[-1]
+    if subset == "block":  # the whole last encoder block
+        return list(last.parameters())
+    # the last block's output projection and the norm after it: the layer nearest the heads
+    return [*last.linear2.parameters(), *last.norm2.parameters()]
+
+
+def marble(gram: str, refresh_every: int = 1, subset: str = "block") -> Callable[[Model], Step]:
+    def build(model: Model) -> Step:
+        kwargs = {}
+        if gram == "params":
+            kwargs["gram_params"] = gram_params(model, subset)
+        opt = MarbleOptimizer(adamw(model.parameters()), gram=gram, refresh_every=refresh_every, **kwargs)
+
+        def step(batch):
+            z, losses = model(*batch)
+            opt.zero_grad(set_to_none=True)
+            if gram == "shared":
+                opt.step(losses, shared=z)
+            else:
+                opt.step(losses)
+
+        return step
+
+    return build
+
+
+def torchjd_path(aggregator_cls) -> Callable[[Model], Step]:
+    def build(model: Model) -> Step:
+        opt = adamw(model.parameters())
+        aggregator = aggregator_cls()
+        shared_params = list(model.trunk.parameters())
+
+        def step(batch):
+            z, losses = model(*batch)
+            opt.zero_grad(set_to_none=True)
+            mtl_backward(list(losses.values()), features=z)
+            jac_to_grad(shared_params, aggregator)
+            opt.step()
+
+        return step
+
+    return build
+
+
+def methods(refresh: int) -> list[tuple[str, Callable[[Model], Step], int]]:
+    """(label, builder, steps per timed unit)."""
+    out = [
+        (PLAIN, plain, 1),
+        (KPASS, k_backward, 1),
+        (EXACT, marble("exact"), 1),
+        ("marble exact-lean", marble("exact-lean"), 1),
+        ("marble shared", marble("shared"), 1),
+        ("marble params (last block)", marble("params"), 1),
+        ("marble params (last linear + norm)", marble("params", subset="linear"), 1),
+        (f"marble exact, refresh_every={refresh}", marble("exact", refresh), refresh),
+    ]
+    if torchjd is not None:
+        out += [("TorchJD mtl_backward + MGDA", torchjd_path(MGDA), 1),
+                ("TorchJD mtl_backward + UPGrad", torchjd_path(UPGrad), 1)]
+    return out
+
+
+# ---- memory ---------------------------------------------------------------------------
+def peak_extra_bytes(step: Step, batch, device: torch.device, unit: int = 1) -> int:
+    """Peak bytes allocated during ``unit`` steps beyond what was allocated at their start."""
+    if device.type == "cuda":
+        sync(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(unit):
+            step(batch)
+        sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - start)
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(unit):
+            step(batch)
+    events: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    events.sort()
+    current = peak = 0
+    for _, size in events:
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+# ---- timing ---------------------------------------------------------------------------
+def time_methods(cfg: Config, k: int, device: torch.device, seed: int) -> list[dict]:
+    torch.manual_seed(seed)
+    base = Model(cfg, k).to(device)
+    specs = methods(cfg.refresh)
+    steps = []
+    for _label, build, _unit in specs:
+        model = copy.deepcopy(base)
+        steps.append(build(model))
+    batches = make_batches(cfg, k, 8, device, seed + 1)
+    times: list[list[list[float]]] = [[] for _ in specs]  # method, round, step of the unit
+    counter = 0
+    for r in range(cfg.warmup + cfg.repeats):
+        order = list(range(len(specs)))
+        if r % 2:  # alternate the order to cancel drift within a round
+            order.reverse()
+        for i in order:
+            unit_times = []
+            for _ in range(specs[i][2]):
+                sync(device)
+                t0 = time.perf_counter()
+                steps[i](batches[counter % len(batches)])
+                sync(device)
+                unit_times.append(time.perf_counter() - t0)
+                counter += 1
+            if r >= cfg.warmup:
+                times[i].append(unit_times)
+    rows = []
+    for (label, build, unit), ts in zip(specs, times):
+        # a fresh instance, so that buffers a method keeps between steps are counted too
+        mem = peak_extra_bytes(build(copy.deepcopy(base)), batches[0], device, unit)
+        if unit == 1:
+            rows.append({"method": label, "ms": 1e3 * statistics.median(t[0] for t in ts), "mem": mem})
+        else:  # a refresh cycle: the solve step, then unit-1 cached steps
+            rows.append({"method": f"{label}: mean over the cycle", "ms": 1e3 * statistics.median(
+                sum(t) / unit for t in ts), "mem": mem})
+            rows.append({"method": f"{label}: cached step", "ms": 1e3 * statistics.median(
+                x for t in ts for x in t[1:]), "mem": mem})
+    return rows
+
+
+# ---- fidelity -------------------------------------------------------------------------
+def flat_grad(model: nn.Module) -> Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+                      for p in model.parameters()])
+
+
+def fidelity(cfg: Config, k: int, device: torch.device, seed: int) -> list[dict]:
+    torch.manual_seed(seed)
+    model = Model(cfg, k).to(device)
+    exact = MarbleOptimizer(adamw(model.parameters()), ema_decay=0.0, gram="exact")
+    batches = make_batches(cfg, k, cfg.fidelity_steps, device, seed + 2)
+    stats: dict[str, dict[str, list[float]]] = {}
+
+    def record(name: str, cos: float, gap: float) -> None:
+        entry = stats.setdefault(name, {"cos": [], "gap": []})
+        entry["cos"].append(cos)
+        entry["gap"].append(gap)
+
+    cached_w = cached_alpha = None
+    for t, batch in enumerate(batches):
+        updates = {}
+        for gram in ("shared", "params"):
+            kw = {"gram_params": list(model.trunk.layers[-1].parameters())} if gram == "params" else {}
+            opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), ema_decay=0.0, gram=gram, **kw)
+            z, losses = model(*batch)
+            opt.zero_grad()
+            rep = opt.backward(losses, shared=z) if gram == "shared" else opt.backward(losses)
+            updates[gram] = (flat_grad(model), np.array(list(rep.raw_weights.values())))
+        exact.zero_grad()
+        _, losses = model(*batch)
+        rep = exact.backward(losses)
+        d = flat_grad(model)
+        alpha = np.array(list(rep.raw_weights.values()))
+        for gram, (u, a) in updates.items():
+            cos = float(torch.dot(u, d) / (u.norm() * d.norm()))
+            record(gram, cos, float(np.abs(a - alpha).max()))
+        w_now = np.array(list(rep.loss_weights.values()))
+        if t % cfg.refresh == 0:
+            cached_w, cached_alpha = w_now, alpha
+        else:
+            g = rep.gram
+            cos = float(cached_w @ g @ w_now / np.sqrt((cached_w @ g @ cached_w) * (w_now @ g @ w_now)))
+            record(f"refresh_every={cfg.refresh}", cos, float(np.abs(cached_alpha - alpha).max()))
+        exact.step()
+    return [{"source": name, "cos_median": statistics.median(v["cos"]), "cos_min": min(v["cos"]),
+             "gap_max": max(v["gap"])} for name, v in stats.items()]
+
+
+# ---- report ---------------------------------------------------------------------------
+def _ratio(by: dict[str, float], num: str, den: str) -> str:
+    return f"{by[num] / by[den]:.3f}" if num in by and den in by else "n/a"
+
+
+def markdown(cfg: Config, device: torch.device, timing: dict[int, list[dict]], fid: dict[int, list[dict]],
+             command: str, elapsed: float) -> str:
+    n_params = sum(p.numel() for p in Model(cfg, 1).trunk.parameters())
+    ks = list(timing)
+    methods_order = [row["method"] for row in timing[ks[0]]]
+    by_k = {k: {row["method"]: row for row in rows} for k, rows in timing.items()}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [
+        "### Step overhead",
+        "",
+        f"`{command}` on {where}: {environment_line()}. Trunk: {cfg.layers} encoder layers, d={cfg.d_model}, "
+        f"ff={cfg.ff} ({n_params / 1e6:.2f} M parameters) and K linear heads, batch {cfg.batch}×{cfg.seq} tokens; "
+        f"one step = forward + backward + AdamW step; median of {cfg.repeats} interleaved rounds; "
+        f"the run took {elapsed:.0f} s.",
+        "",
+        "Time per step as a multiple of the plain AdamW step on the summed loss (ms per step in brackets):",
+        "",
+        markdown_table(["method"] + [f"K={k}" for k in ks], [
+            [m] + [f"{by_k[k][m]['ms'] / by_k[k][PLAIN]['ms']:.3f}× ({by_k[k][m]['ms']:.1f} ms)" for k in ks]
+            for m in methods_order
+        ]),
+        "",
+        "Targets: `exact` ≤ 1.1× K backward passes; `shared`, `params` and the cached refresh step ≤ 1.05× "
+        "the plain step; `exact` faster than TorchJD:",
+        "",
+        markdown_table(["ratio"] + [f"K={k}" for k in ks], [
+            [label] + [_ratio({m: r["ms"] for m, r in by_k[k].items()}, num, den) for k in ks]
+            for label, num, den in [
+                ("exact ÷ K backward passes", EXACT, KPASS),
+                ("exact-lean ÷ K backward passes", "marble exact-lean", KPASS),
+                ("shared ÷ plain", "marble shared", PLAIN),
+                ("params (last block) ÷ plain", "marble params (last block)", PLAIN),
+                ("params (last linear + norm) ÷ plain", "marble params (last linear + norm)", PLAIN),
+                (f"refresh_every={cfg.refresh}, cached step ÷ plain",
+                 f"marble exact, refresh_every={cfg.refresh}: cached step", PLAIN),
+                (f"refresh_every={cfg.refresh}, cycle mean ÷ plain",
+                 f"marble exact, refresh_every={cfg.refresh}: mean over the cycle", PLAIN),
+                ("exact ÷ TorchJD MGDA", EXACT, "TorchJD mtl_backward + MGDA"),
+                ("exact ÷ TorchJD UPGrad", EXACT, "TorchJD mtl_backward + UPGrad"),
+            ]
+        ]),
+        "",
+        "Peak extra memory (MB) of a fresh instance's first step (whole cycle for refresh): activations, "
+        "gradients, AdamW state and the method's own buffers, parameters not counted:",
+        "",
+        markdown_table(["method"] + [f"K={k}" for k in ks], [
+            [m] + [f"{by_k[k][m]['mem'] / 2**20:.1f}" for k in ks] for m in methods_order
+        ]),
+        "",
+        f"Fidelity to the exact MARBLE update (ema_decay=0, {cfg.fidelity_steps} steps of one trajectory driven "
+        "by the exact update): cosine between the two updates (median, min) and max |α − α_exact|:",
+        "",
+        markdown_table(["source"] + [f"K={k}" for k in ks], [
+            [src] + [next((f"{r['cos_median']:.4f}, {r['cos_min']:.4f}; {r['gap_max']:.3f}"
+                           for r in fid[k] if r["source"] == src), "n/a") for k in ks]
+            for src in [r["source"] for r in fid[ks[0]]]
+        ]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, K=2,3, few repeats (the test suite's run)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--ks", type=int, nargs="+", help="numbers of objectives (default 2 5 8; quick: 2 3)")
+    parser.add_argument("--repeats", type=int, help="timed rounds per K")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="also write the Markdown table to this file")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    # torchjd differentiates through vmap, which falls back to a loop for CPU attention
+    warnings.filterwarnings("ignore", message="There is a performance drop")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    device = torch.device(args.device)
+    cfg = QUICK if args.quick else FULL
+    if args.ks:
+        cfg = Config(**{**cfg.__dict__, "ks": tuple(args.ks)})
+    if args.repeats:
+        cfg = Config(**{**cfg.__dict__, "repeats": args.repeats})
+    command = "python benchmarks/step_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    start = time.perf_counter()
+    timing = {k: time_methods(cfg, k, device, args.seed + k) for k in cfg.ks}
+    fid = {k: fidelity(cfg, k, device, args.seed + 100 + k) for k in cfg.ks}
+    text = markdown(cfg, device, timing, fid, command.strip(), time.perf_counter() - start)
+    write_markdown(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""Data-parallel agreement: what MarbleOptimizer exchanges between ranks, when, and how much.
+
+Under ``torch.distributed`` each rank computes its losses from a local batch. With equal local
+batch sizes and losses that are means over the local batch, the loss of the whole (global)
+batch is the mean of the ranks' losses and its gradient the mean of their gradients, so a
+data-parallel step can equal one process on the concatenated batch. ``Collective`` is the one
+place where MarbleOptimizer and its Gram sources talk to the other ranks:
+
+- ``mean_losses``: the losses (and the unbalanced ``extra`` loss) averaged over ranks, one
+  all-reduce of K+1 float64 per ``backward``. A loss that is non-finite on any rank is
+  non-finite on every rank afterwards, so every rank takes the same skip/exclude decision.
+- ``mean_``: a gradient buffer averaged in place (exact sources: the K×N per-objective
+  gradients, before the Gram; ``autograd.grad`` never reaches DDP's reducer).
+- ``gram_of_mean``: the Gram of the averaged gradient w.r.t. a tensor split over ranks (the
+  ``shared`` source), from the ranks' local K×K Gram matrices: if ``z`` is the concatenation of
+  the local ``z_r`` and ``L_k = (1/R) Σ_r L_k^r``, then ``∇_z L_k`` is ``(1/R) ∇_{z_r} L_k^r`` on
+  block r, hence ``G = (1/R²) Σ_r G_r``.
+- ``same_everywhere``: the QP's input (Gram and loss values) broadcast from the group's first
+  rank, so every rank solves a bit-identical problem and takes an identical step.
+- ``all_true``: a flag every rank agrees on (the combined backward was finite everywhere;
+  needed where a backward runs without DDP's all-reduce, e.g. under ``no_sync``).
+
+On a single process (or with ``process_group=False``) every method returns its input and
+sends nothing. ``traffic`` counts the payload bytes handed to collectives, by purpose.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["Collective"]
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+class Collective:
+    """The ranks a MarbleOptimizer agrees with (see module docstring).
+
+    Args:
+        process_group: ``None`` (default): the default process group whenever
+            ``torch.distributed`` is initialized with more than one process, checked at each
+            call (so the optimizer may be built before ``init_process_group``); a
+            ``ProcessGroup``: that group; ``False``: never communicate (each rank balances its
+            own batch, as on one process).
+    """
+
+    def __init__(self, process_group: Any = None) -> None:
+        if process_group is not None and process_group is not False:
+            dist = _dist()
+            if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+                raise TypeError(
+                    f"process_group must be None, False or a torch.distributed.ProcessGroup, got {process_group!r}"
+                )
+        self.process_group = process_group
+        #: Payload bytes handed to collectives so far, by purpose ("losses", "gradients",
+        #: "gram", "broadcast", "flag"); a ring all-reduce moves about 2·(R−1)/R of it per rank.
+        self.traffic: Counter[str] = Counter()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A ProcessGroup cannot be pickled: a copy falls back to the default group.
+        state = self.__dict__.copy()
+        if state["process_group"] is not False:
+            state["process_group"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"Collective(world_size={self.world_size})"
+
+    # ---- who ------------------------------------------------------------------------------
+    def _group(self) -> Any:
+        """The group to talk to, or None when there is nobody to talk to."""
+        if self.process_group is False:
+            return None
+        dist = _dist()
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    @property
+    def active(self) -> bool:
+        """Whether there are other ranks to agree with."""
+        return self._group() is not None
+
+    @property
+    def world_size(self) -> int:
+        group = self._group()
+        return 1 if group is None else _dist().get_world_size(group)
+
+    @staticmethod
+    def check_params(params: Iterable[Tensor]) -> None:
+        """Refuse parameters sharded by FSDP (DTensor or FlatParameter), with the reason.
+
+        Every source but ``shared`` needs ``autograd.grad`` w.r.t. the parameters, and under
+        FSDP those are shards that are not on the autograd graph (FSDP gathers them outside
+        autograd and reduce-scatters their gradients in its own hooks); the combined backward
+        passes ``inputs=params`` and so would never reach FSDP's hooks either. Refusing here
+        beats a step that silently leaves every gradient empty.
+        """
+        for i, p in enumerate(params):
+            if getattr(p, "_is_flat_param", False) or type(p).__name__ == "DTensor":
+                raise NotImplementedError(
+                    f"parameter {i} (shape {tuple(p.shape)}) is a {type(p).__name__}: parameters sharded by "
+                    "FSDP (fully_shard / FullyShardedDataParallel) or tensor parallelism are not supported; "
+                    "use DistributedDataParallel (LoRA and models that fit on one device), see the README"
+                )
+
+    # ---- collectives ----------------------------------------------------------------------
+    def _all_reduce(self, tensor: Tensor, purpose: str, group: Any, op: Any = None) -> None:
+        dist = _dist()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
+        self.traffic[purpose] += tensor.numel() * tensor.element_size()
+
+    def mean_losses(self, values: np.ndarray, device: torch.device) -> np.ndarray:
+        """Mean over ranks of the loss values (float64, any shape); non-finite anywhere stays
+        non-finite everywhere (a sum with a NaN or ±inf is not finite)."""
+        group = self._group()
+        if group is None:
+            return values
+        t = torch.as_tensor(values, dtype=torch.float64).to(device)
+        self._all_reduce(t, "losses", group)
+        return (t / self.world_size).cpu().numpy()
+
+    def mean_(self, tensor: Tensor) -> Tensor:
+        """Average ``tensor`` over ranks, in place (gradients); returns it."""
+        group = self._group()
+        if group is not None:
+            self._all_reduce(tensor, "gradients", group)
+            tensor.div_(_dist().get_world_size(group))
+        return tensor
+
+    def gram_of_mean(self, gram: np.ndarray, device: torch.device) -> np.ndarray:
+        """``(1/R²) Σ_r G_r``: the Gram of the rank-averaged gradient w.r.t. a tensor whose
+        blocks live on different ranks, from the local Gram matrices ``G_r`` (K×K float64)."""
+        group = self._group()
+        if group is None:
+            return gram
+        t = torch.as_tensor(gram, dtype=torch.float64).to(device)
+        self._all_reduce(t, "gram", group)
+        r = float(self.world_size)
+        return (t / (r * r)).cpu().numpy()
+
+    def same_everywhere(self, *arrays: np.ndarray, device: torch.device) -> tuple[np.ndarray, ...]:
+        """The arrays as the group's first rank holds them (one float64 broadcast), so that
+        everything computed from them is bit-identical on every rank."""
+        group = self._group()
+        if group is None:
+            return arrays
+        flat = torch.cat([torch.as_tensor(a, dtype=torch.float64).reshape(-1) for a in arrays]).to(device)
+        dist = _dist()
+        dist.broadcast(flat, src=dist.get_global_rank(group, 0), group=group)
+        self.traffic["broadcast"] += flat.numel() * flat.element_size()
+        out, start, host = [], 0, flat.cpu().numpy()
+        for a in arrays:
+            size = int(np.size(a))
+            out.append(host[start : start + size].reshape(np.shape(a)).copy())
+            start += size
+        return tuple(out)
+
+    def all_true(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on every rank (one all-reduce of an int32)."""
+        group = self._group()
+        if group is None:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        self._all_reduce(t, "flag", group, op=_dist().ReduceOp.MIN)
+        return bool(t.item())

@@ -1,0 +1,215 @@
+"""One small multi-objective training recipe, run on 2 gloo ranks or on one process.
+
+``tests/test_distributed.py`` starts ``python tests/_dist_worker.py RANK WORLD PORT OUTDIR`` twice
+(ranks 0 and 1 on 127.0.0.1); each rank runs every scenario of ``SCENARIOS`` on its half of each
+global batch and saves what it saw to ``OUTDIR/rank{RANK}.pt``. The test runs ``train(name)``
+in its own process on the whole batch (the reference) and compares.
+
+A scenario's ``nan_loss`` / ``nan_grad`` = (step, micro-batch) makes one loss non-finite /
+poisons the gradient of the combined backward (below the shared tensor, so G stays finite) on
+rank 1 only; in the reference the whole batch is affected, so one process skips that step too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from contextlib import nullcontext
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import nn
+
+from marble_opt import MarbleOptimizer
+
+B_LOCAL = 4  # samples per rank and micro-batch
+WORLD = 2
+NAN = float("nan")
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "exact": dict(gram="exact", steps=3),
+    "exact-nan-loss": dict(gram="exact", steps=3, nan_loss=(1, 0)),
+    "exact-nan-grad": dict(gram="exact", steps=3, nan_grad=(1, 0)),
+    "exact-ddp-extra": dict(gram="exact", ddp=True, steps=4, extra=True),
+    "exact-ddp-accum": dict(gram="exact", ddp=True, steps=3, micro=2),
+    "exact-lean-ddp": dict(gram="exact-lean", ddp=True, steps=3),
+    "shared-ddp": dict(gram="shared", ddp=True, steps=3),
+    "shared-ddp-nan-loss": dict(gram="shared", ddp=True, steps=3, nan_loss=(1, 0)),
+    "shared-ddp-nan-grad": dict(gram="shared", ddp=True, steps=3, nan_grad=(1, 0)),
+    # rank 1's first micro-batch (under no_sync) has a non-finite combined gradient that no
+    # all-reduce carries to rank 0: only the agreement flag makes rank 0 skip as well.
+    "shared-ddp-accum-nan": dict(gram="shared", ddp=True, steps=3, micro=2, nan_grad=(0, 0)),
+    "params-ddp-refresh": dict(gram="params", ddp=True, steps=4, refresh_every=2),
+    # an explicit process group (a new group of all ranks) instead of the default one
+    "shared-ddp-group": dict(gram="shared", ddp=True, steps=2, process_group="new"),
+    # process_group=False: no communication, each rank balances its own half (no reference)
+    "exact-local": dict(gram="exact", steps=2, process_group=False),
+    # through accelerate.prepare: positional opt.step(losses), and accumulate() over 2 micro-batches
+    "accelerate-step-losses": dict(gram="params", accelerate="step", steps=3),
+    "accelerate-accum": dict(gram="shared", accelerate="accumulate", steps=3, micro=2),
+}
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, nan_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        u = self.inp(x)
+        if nan_grad:
+            u.register_hook(lambda g: g * NAN)
+        h = torch.tanh(u)  # the shared tensor
+        return h, self.out(h)
+
+
+def losses_of(out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Three conflicting objectives of different scales, each a mean over the batch."""
+    return {
+        "a": ((out[:, 0] - y[:, 0]) ** 2).mean(),
+        "b": ((out[:, 1] - y[:, 1]) ** 2).mean() + 0.5 * ((out[:, 0] + y[:, 0]) ** 2).mean(),
+        "c": 0.1 * ((out[:, 2] - y[:, 2]) ** 2).mean() + 0.3 * ((out[:, 0] - out[:, 1]) ** 2).mean(),
+    }
+
+
+def global_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + 10 * step + micro)
+    return torch.randn(WORLD * B_LOCAL, 4, generator=g), torch.randn(WORLD * B_LOCAL, 3, generator=g)
+
+
+def flat_params(net: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()
+
+
+def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> dict[str, Any]:
+    """Run scenario ``name``; ``world=1``: the reference on the whole batch, no DDP."""
+    cfg = SCENARIOS[name]
+    torch.manual_seed(0)
+    net = Net()
+    gram = cfg["gram"]
+    distributed = world > 1
+    group = cfg.get("process_group")
+    if group == "new":
+        import torch.distributed as dist
+
+        group = dist.new_group(list(range(world))) if distributed else None
+    marble = MarbleOptimizer(
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        gram=gram,
+        ema_decay=0.7,
+        refresh_every=cfg.get("refresh_every", 1),
+        gram_params=[net.out.weight, net.out.bias] if gram == "params" else None,
+        process_group=group,
+    )
+    model: nn.Module = net
+    opt: Any = marble
+    driver = cfg.get("accelerate") if distributed else None
+    if driver:
+        model, opt = accelerator.prepare(net, marble)
+        assert isinstance(model, nn.parallel.DistributedDataParallel), type(model)
+        assert opt.optimizer is marble and opt is not marble, type(opt)
+    elif distributed and cfg.get("ddp"):
+        model = nn.parallel.DistributedDataParallel(net)
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    n_micro = cfg.get("micro", 1)
+    inject = rank == 1 or not distributed
+    out: dict[str, Any] = {
+        "params": [flat_params(net)],
+        "skipped": [],
+        "losses": [],
+        "grams": [],
+        "traffic": [],
+        "progress": [],
+    }
+    for step in range(cfg["steps"]):
+        before = dict(marble._comm.traffic)
+        skipped, losses_seen, grams = [], [], []
+        for micro in range(n_micro):
+            x, y = global_batch(step, micro)
+            if distributed:
+                x, y = x[rank * B_LOCAL : (rank + 1) * B_LOCAL], y[rank * B_LOCAL : (rank + 1) * B_LOCAL]
+            if driver == "accumulate":
+                ctx: Any = accelerator.accumulate(model)
+            elif is_ddp and micro < n_micro - 1:
+                ctx = model.no_sync()
+            else:
+                ctx = nullcontext()
+            with ctx:
+                h, pred = model(x, nan_grad=inject and cfg.get("nan_grad") == (step, micro))
+                losses = losses_of(pred, y)
+                if inject and cfg.get("nan_loss") == (step, micro):
+                    losses["b"] = losses["b"] * NAN
+                extra = 0.05 * (pred**2).mean() if cfg.get("extra") else None
+                shared = h if gram == "shared" else None
+                if driver == "step":
+                    opt.step(losses)  # positional, through AcceleratedOptimizer.step(closure)
+                    report = None
+                else:
+                    report = marble.backward(losses, shared=shared, extra=extra)
+                if driver == "accumulate":
+                    opt.step()  # a no-op for accelerate until the last micro-batch
+                    opt.zero_grad()
+                    out["progress"].append((step, micro, marble.num_steps, dict(marble.weights)))
+            if report is not None:
+                skipped.append(report.skipped)
+                losses_seen.append(dict(report.losses))
+                grams.append(report.gram)
+        if driver != "accumulate":
+            if driver != "step":
+                opt.step()
+            opt.zero_grad()
+        out["skipped"].append(skipped)
+        out["losses"].append(losses_seen)
+        out["grams"].append(grams)
+        out["traffic"].append(
+            {k: v - before.get(k, 0) for k, v in marble._comm.traffic.items() if v != before.get(k, 0)}
+        )
+        out["params"].append(flat_params(net))
+    out["num_steps"] = marble.num_steps
+    out["weights"] = dict(marble.weights)
+    out["numel"] = sum(p.numel() for p in net.parameters())
+    return out
+
+
+def fsdp_refusal() -> str:
+    """What MarbleOptimizer says to parameters sharded by FSDP2's ``fully_shard`` (gloo, CPU)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    net = fully_shard(Net())
+    try:
+        MarbleOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), gram="shared")
+    except NotImplementedError as exc:
+        return str(exc)
+    return "accepted"
+
+
+def main(rank: int, world: int, port: int, outdir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)  # joins the existing group
+    assert accelerator.num_processes == world and accelerator.process_index == rank
+    results: dict[str, Any] = {name: train(name, rank, world, accelerator) for name in SCENARIOS}
+    results["fsdp"] = fsdp_refusal()
+    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # do not wait for the other rank's collectives

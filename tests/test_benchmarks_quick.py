@@ -1,0 +1,170 @@
+"""The benchmark scripts in ``--quick`` mode: they run, write their Markdown tables, and the
+tables say what the package promises (marble_opt's QP answers within 1e-9 of trace of the
+exact reference; MARBLE's update never conflicts with an objective, a weighted sum's does).
+
+Timings are not asserted (shared CI machines); the exactness and conflict figures are
+deterministic (seeded) and are.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(script: str, *args: str, timeout: int = 240) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _tables(text: str, heading: str) -> list[dict[str, list[str]]]:
+    """The Markdown tables under ``### heading`` (up to the next heading), each as
+    {first cell: other cells}, header rows left out."""
+    start = text.index(f"### {heading}")
+    tables: list[dict[str, list[str]]] = []
+    current: dict[str, list[str]] | None = None
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("### "):
+            break
+        if not line.startswith("| "):
+            current = None
+            continue
+        if current is None:  # the header row opens a new table
+            current = {}
+            tables.append(current)
+            continue
+        if line.startswith("| :---"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        current[cells[0]] = cells[1:]
+    assert tables and all(tables), f"no table under {heading!r}"
+    return tables
+
+
+def _table(text: str, heading: str) -> dict[str, list[str]]:
+    return _tables(text, heading)[0]
+
+
+def _gap(cell: str) -> float:
+    return 0.0 if cell == "≤ 0" else float(cell)
+
+
+@pytest.fixture(scope="module")
+def qp_report(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("bench") / "qp.md"
+    stdout = _run("qp_solvers.py", "--quick", "--out", str(out))
+    text = out.read_text(encoding="utf-8")
+    assert text.strip() == stdout.strip()
+    return text
+
+
+@pytest.fixture(scope="module")
+def conflict_report(tmp_path_factory) -> tuple[str, Path]:
+    d = tmp_path_factory.mktemp("bench")
+    out, png = d / "conflict.md", d / "toy.png"
+    _run("conflict_quality.py", "--quick", "--out", str(out), "--plot", str(png))
+    return out.read_text(encoding="utf-8"), png
+
+
+def test_qp_tables_have_every_method_and_k(qp_report):
+    qp = _load("qp_solvers")
+    for heading in ("Median time per call", "Worst objective gap (relative to trace G)"):
+        rows = _table(qp_report, heading)
+        assert set(rows) == set(qp.METHODS)
+        assert all(len(cells) == len(qp.QUICK_KS) for cells in rows.values())
+    times = _table(qp_report, "Median time per call")
+    assert all(re.fullmatch(r"[\d.]+ (µs|ms|s)", c) for cells in times.values() for c in cells)
+    assert "K=5 by Gram kind" in qp_report and "Target (issue 5)" in qp_report
+
+
+def test_qp_marble_is_exact_and_torchjd_mgda_is_not(qp_report):
+    qp = _load("qp_solvers")
+    gaps = _table(qp_report, "Worst objective gap (relative to trace G)")
+    for method in (qp.WARM, qp.COLD, qp.PUBLIC):
+        worst = max(_gap(c) for c in gaps[method])
+        assert worst <= 1e-9, f"{method}: worst gap {worst:g} > 1e-9 of trace"
+    # As exact as quadprog where quadprog is exact; TorchJD's Frank–Wolfe stops at 1e-3 steps.
+    k5 = qp.QUICK_KS.index(5)
+    assert _gap(gaps[qp.WARM][k5]) <= max(_gap(gaps[qp.QUADPROG][k5]), 1e-12)
+    assert _gap(gaps[qp.TJD_MGDA][k5]) > 1e-6
+    viol = _table(qp_report, "Simplex violation and failures (all K)")
+    assert float(viol[qp.WARM][0]) <= 1e-12 and viol[qp.WARM][1] == "0"
+    assert float(viol[qp.OSQP_DEFAULT][0]) > 1e-6  # default OSQP answers are off the simplex
+
+
+def test_drifting_grams_keep_their_structure():
+    qp = _load("qp_solvers")
+    rng = np.random.default_rng(3)
+    for kind in ("duplicates", "opposite", "zero-rows", "rank-deficient", "wide-scales"):
+        seq = qp.drifting_grams(kind, 8, 5, np.random.default_rng(7))
+        g0 = qp.hard_gram(kind, 8, np.random.default_rng(7))
+        assert np.allclose(np.diag(seq[0]), np.diag(g0), rtol=1e-9, atol=0)  # norms kept exactly
+        for g in seq:
+            assert np.allclose(g, g.T)
+            assert np.allclose(np.diag(g), np.diag(g0), rtol=1e-9, atol=0)
+            if kind == "zero-rows":
+                zero = np.diag(g0) == 0
+                assert (g[zero] == 0).all()
+            if kind == "opposite":
+                assert np.allclose(g[0], -g[1], atol=1e-9 * np.abs(g).max())
+            if kind == "rank-deficient":
+                ev = np.linalg.eigvalsh(g)
+                assert (ev[: 8 - 8 // 3] < 1e-9 * ev.max()).all()
+        assert not np.allclose(seq[0], seq[-1])  # it does drift
+    del rng
+
+
+def test_reference_beyond_enumeration_is_certified():
+    qp = _load("qp_solvers")
+    for kind in qp.GRAM_KINDS:
+        g = qp.hard_gram(kind, 16, np.random.default_rng(11))
+        f_ref, cert, how = qp.reference(g)
+        assert "certified" in how
+        assert cert <= 1e-10 * np.trace(g)
+        assert np.isfinite(f_ref) and f_ref >= -1e-12 * np.trace(g)
+
+
+def test_conflict_tables(conflict_report):
+    text, png = conflict_report
+    cq = _load("conflict_quality")
+    toy = _table(text, "(a) CAGrad / Nash-MTL toy")
+    assert set(toy) == set(cq.TOY_METHODS)
+    assert all(len(cells) == 2 + 3 for cells in toy.values())  # 2 summary columns + 3 quick inits
+    losses, stats = _tables(text, "(b) Specialist multi-task regression")
+    assert set(losses) == set(cq.REG_METHODS) | {"(initial)"}
+    assert set(stats) == set(cq.REG_METHODS)
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_conflict_cosine_statistics(conflict_report):
+    text, _ = conflict_report
+    _, stats = _tables(text, "(b) Specialist multi-task regression")
+    # columns: negative fraction, worst cosine, variance, left behind, all improved, time
+    for marble in ("MARBLE ρ=0.7", "MARBLE ρ=0"):
+        assert stats[marble][0] == "0% (0%–0%)", stats[marble]
+        assert float(stats[marble][1]) > 0.0
+    ws = stats["AdamW on summed loss"]
+    assert float(ws[0].split("%")[0]) >= 30.0
+    assert float(ws[1]) < 0.0
+    # Across-objective variance of the cosines: balanced under MARBLE, spread under the sum.
+    assert float(stats["MARBLE ρ=0"][2]) < 0.01 < float(ws[2])

@@ -1,0 +1,115 @@
+"""benchmarks/step_overhead.py in ``--quick`` mode: it runs, writes its Markdown tables, and
+what is deterministic in them holds (memory figures, K=2 weight gaps). Timings are reported,
+not asserted: CI machines are shared."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "step_overhead.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("_bench_step_overhead", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tables(text: str) -> list[dict[str, list[str]]]:
+    """Every Markdown table of ``text`` as {first cell: other cells}, header rows left out."""
+    tables: list[dict[str, list[str]]] = []
+    current = None
+    for line in text.splitlines():
+        if not line.startswith("| "):
+            current = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if current is None:
+            current = {"__header__": cells}
+            tables.append(current)
+        elif not line.startswith("| :---"):
+            current[cells[0]] = cells[1:]
+    return tables
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("bench") / "step_overhead.md"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=240, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text(encoding="utf-8")
+    assert text.strip() == proc.stdout.strip()
+    return text
+
+
+def test_time_table_has_every_method_and_k(report):
+    bench = _load()
+    times, targets, memory, fidelity = _tables(report)
+    ks = [f"K={k}" for k in bench.QUICK.ks]
+    assert times["__header__"] == ["method", *ks]
+    labels = [label for label, _, unit in bench.methods(bench.QUICK.refresh) if unit == 1]
+    assert set(labels) <= set(times)
+    assert any("refresh_every=4: cached step" in m for m in times)
+    assert any("refresh_every=4: mean over the cycle" in m for m in times)
+    if bench.torchjd is not None:
+        assert {"TorchJD mtl_backward + MGDA", "TorchJD mtl_backward + UPGrad"} <= set(times)
+    for method, cells in times.items():
+        if method == "__header__":
+            continue
+        assert len(cells) == len(ks)
+        assert all(re.fullmatch(r"\d+\.\d{3}× \(\d+\.\d ms\)", c) for c in cells), (method, cells)
+    assert all(c.startswith("1.000×") for c in times[bench.PLAIN])
+    for label in ("exact ÷ K backward passes", "shared ÷ plain", "refresh_every=4, cached step ÷ plain"):
+        assert all(float(c) > 0 for c in targets[label])
+
+
+def test_memory_table_shows_the_gradient_buffers(report):
+    bench = _load()
+    _, _, memory, _ = _tables(report)
+    for i, _k in enumerate(bench.QUICK.ks):
+        mb = {m: float(cells[i]) for m, cells in memory.items() if m != "__header__"}
+        assert mb[bench.EXACT] > mb[bench.PLAIN]  # the K×N buffer
+        assert mb["marble shared"] < mb[bench.EXACT]
+
+
+def test_fidelity_table(report):
+    bench = _load()
+    *_, fidelity = _tables(report)
+    assert {"shared", "params", "refresh_every=4"} <= set(fidelity)
+    for source, cells in fidelity.items():
+        if source == "__header__":
+            continue
+        for k, cell in zip(bench.QUICK.ks, cells):
+            med, low, gap = (float(x) for x in re.fullmatch(r"(\S+), (\S+); (\S+)", cell).groups())
+            assert -1.0 <= low <= med <= 1.0 and 0.0 <= gap <= 1.0
+            assert med > 0.0, (source, k, cell)
+            if k == 2:  # two unit-normalised gradients: α = (½, ½) whatever the Gram
+                assert gap == 0.0
+
+
+def test_peak_extra_bytes_counts_what_a_step_allocates():
+    bench = _load()
+    kept = []
+
+    def step(_batch):
+        a = torch.empty(1 << 18)  # 1 MiB, freed at once
+        del a
+        b = torch.empty(1 << 19)  # 2 MiB, freed after c is allocated
+        c = torch.empty(1 << 17)  # 0.5 MiB, kept
+        del b
+        kept.append(c)
+
+    peak = bench.peak_extra_bytes(step, None, torch.device("cpu"))
+    assert 2.5 * 2**20 <= peak < 2.6 * 2**20
