@@ -7,13 +7,16 @@ below it, Pareto set near the segment x1 ∈ [−7, 7], x2 ≈ −8.36. From the
 of the Nash-MTL paper, Adam on: the mean of the two losses (weighted sum); TorchJD's
 ``MGDAWeighting`` and ``UPGradWeighting`` applied to the 2×2 Gram of the two gradients
 (the update ``Σ w_k ∇f_k``, which is what their aggregators compute); ``MarbleOptimizer``
-with ρ = 0.7 and ρ = 0. Reported per method: where each run ends and its Pareto gap (how
+with ρ = 0.7 and ρ = 0, and with ρ = 0.7 but ``rescale=False`` (the update is the unit-gradient
+combination itself instead of being scaled to the mean gradient norm). Reported per method: where each run ends and its Pareto gap (how
 much both objectives could still improve together: the largest t such that a point of the
 numerically computed Pareto front beats the end point by t in f1 and in f2; 0 on the
 front). ``--plot`` draws the trajectories over the contours of the mean loss.
 
 (b) ``marble_opt.demo``'s specialist regression (5 objectives on scales 100…1, one objective
-labelled per sample) over several seeds, AdamW throughout: each objective's final held-out
+labelled per sample) over several seeds, AdamW throughout (the TorchJD weightings and an
+exact MGDA, i.e. the min-norm point of the *raw* gradients solved by ``min_norm_weights``,
+get the Gram of the per-objective gradients over all parameters and write ``Σ w_k ∇L_k``): each objective's final held-out
 loss (mean ± std over seeds), the fraction of steps where the worst cosine between the update
 and an objective's gradient is negative (the MARBLE paper: 80% of mini-batches under a
 weighted sum, never under MARBLE), the worst cosine seen and the across-objective variance of
@@ -30,13 +33,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment_line, markdown_table, setup_torch, write_markdown  # noqa: E402
 
-import torch  # noqa: E402
-
-from marble_opt import MarbleOptimizer  # noqa: E402
+from marble_opt import MarbleOptimizer, min_norm_weights  # noqa: E402
 from marble_opt.demo import build_problem, train  # noqa: E402
 
 # ---- (a) the toy problem -----------------------------------------------------------------
@@ -81,7 +83,14 @@ def pareto_gap(x: np.ndarray, front: np.ndarray, scale: float = 1.0) -> float:
     return max(float(gain.max()), 0.0)
 
 
-TOY_METHODS = ("weighted sum (mean)", "MGDA (TorchJD)", "UPGrad (TorchJD)", "MARBLE ρ=0.7", "MARBLE ρ=0")
+TOY_METHODS = (
+    "weighted sum (mean)",
+    "MGDA (TorchJD)",
+    "UPGrad (TorchJD)",
+    "MARBLE ρ=0.7",
+    "MARBLE ρ=0",
+    "MARBLE ρ=0.7, rescale=False",
+)
 
 
 def toy_run(method: str, inits, steps: int, lr: float, scale: float) -> list[np.ndarray]:
@@ -98,8 +107,9 @@ def toy_run(method: str, inits, steps: int, lr: float, scale: float) -> list[np.
     traj[:, 0] = np.asarray(inits, dtype=np.float64)
     if method.startswith("MARBLE"):
         rho = 0.7 if "0.7" in method else 0.0
+        rescale = "rescale=False" not in method
         xs = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in inits]
-        opts = [MarbleOptimizer(torch.optim.Adam([x], lr=lr), ema_decay=rho) for x in xs]
+        opts = [MarbleOptimizer(torch.optim.Adam([x], lr=lr), ema_decay=rho, rescale=rescale) for x in xs]
         for t in range(steps):
             for i, (x, opt) in enumerate(zip(xs, opts)):
                 f1, f2 = toy_losses(x, scale)
@@ -160,7 +170,12 @@ def plot_toy(res: dict, path: str, scale: float, inits) -> None:
     grid = torch.tensor(np.stack([xx, yy], -1), dtype=torch.float64)
     f1, f2 = toy_losses(grid, scale)
     mean = (0.5 * (f1 + f2)).numpy()
-    fig, axes = plt.subplots(1, len(TOY_METHODS), figsize=(4.2 * len(TOY_METHODS), 4.4), sharey=True)
+    cols = 3
+    rows = -(-len(TOY_METHODS) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 4.4 * rows), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(TOY_METHODS) :]:
+        ax.axis("off")
     colors = plt.cm.tab10(np.arange(len(inits)))
     for ax, m in zip(axes, TOY_METHODS):
         ax.contour(xx, yy, mean, levels=20, cmap="viridis", linewidths=0.8)
@@ -174,7 +189,7 @@ def plot_toy(res: dict, path: str, scale: float, inits) -> None:
         ax.set_ylim(-10, 10)
         ax.set_aspect("equal")
     axes[0].legend(loc="upper right", fontsize=7)
-    fig.suptitle("CAGrad / Nash-MTL toy problem: Adam trajectories from five initial points (o start, * end)")
+    fig.suptitle(f"CAGrad / Nash-MTL toy: Adam trajectories from {len(inits)} initial points (o start, * end)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -182,7 +197,12 @@ def plot_toy(res: dict, path: str, scale: float, inits) -> None:
 
 
 # ---- (b) specialist multi-task regression -------------------------------------------------
-REG_METHODS = ("AdamW on summed loss", "MARBLE ρ=0.7", "MARBLE ρ=0", "MGDA (TorchJD)", "UPGrad (TorchJD)")
+MGDA_EXACT = "MGDA, exact QP (`min_norm_weights`, raw G)"
+REG_METHODS = ("AdamW on summed loss", "MARBLE ρ=0.7", "MARBLE ρ=0", "MGDA (TorchJD)", MGDA_EXACT, "UPGrad (TorchJD)")
+
+
+def _exact_mgda(gram: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(min_norm_weights(gram.numpy()))
 
 
 def run_regression(seeds, steps: int) -> dict:
@@ -197,7 +217,7 @@ def run_regression(seeds, steps: int) -> dict:
             elif m.startswith("MARBLE"):
                 r = train(problem, "marble", steps=steps, ema_decay=0.7 if "0.7" in m else 0.0)
             else:
-                w = MGDAWeighting() if m.startswith("MGDA") else UPGradWeighting()
+                w = {MGDA_EXACT: _exact_mgda, "MGDA (TorchJD)": MGDAWeighting()}.get(m) or UPGradWeighting()
                 r = train(problem, "weighting", steps=steps, weighting=w)
             results[m].append(r)
     return results
@@ -221,19 +241,27 @@ def regression_tables(results: dict) -> str:
         fr = np.array([r.negative_fraction for r in rs])
         behind = np.mean([sum(r.ratio(n) > 0.9 for n in names) for r in rs])
         improved_all = sum(all(r.ratio(n) < 0.9 for n in names) for r in rs)
-        rows.append([
-            m,
-            f"{fr.mean():.0%} ({fr.min():.0%}–{fr.max():.0%})",
-            f"{min(r.worst.min() for r in rs):+.3f}",
-            f"{np.mean([r.cosine_variance for r in rs]):.4f}",
-            f"{behind:.1f}",
-            f"{improved_all}/{len(rs)}",
-            f"{np.mean([r.seconds for r in rs]):.2f} s",
-        ])
+        rows.append(
+            [
+                m,
+                f"{fr.mean():.0%} ({fr.min():.0%}–{fr.max():.0%})",
+                f"{min(r.worst.min() for r in rs):+.3g}",
+                f"{np.mean([r.cosine_variance for r in rs]):.4f}",
+                f"{behind:.1f}",
+                f"{improved_all}/{len(rs)}",
+                f"{np.mean([r.seconds for r in rs]):.2f} s",
+            ]
+        )
     t2 = markdown_table(
-        ["method", "steps with worst cosine < 0 (mean, min–max over seeds)", "worst cosine seen",
-         "across-objective variance of cosines", "objectives left behind (final > 0.9× initial), mean",
-         "seeds with every objective < 0.9× initial", "time per run"],
+        [
+            "method",
+            "steps with worst cosine < 0 (mean, min–max over seeds)",
+            "worst cosine seen",
+            "across-objective variance of cosines",
+            "objectives left behind (final > 0.9× initial), mean",
+            "seeds with every objective < 0.9× initial",
+            "time per run",
+        ],
         rows,
     )
     return t1 + "\n\n" + t2
@@ -246,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", help="write the toy trajectories to this PNG")
     parser.add_argument("--toy-steps", type=int, help="Adam steps on the toy (default 4000, quick 300)")
     parser.add_argument("--toy-lr", type=float, default=1e-2)
-    parser.add_argument("--toy-scale", type=float, default=1.0, help="multiplies f1 (Nash-MTL's imbalance); 1: CAGrad's")
+    parser.add_argument(
+        "--toy-scale", type=float, default=1.0, help="multiplies f1 (Nash-MTL's imbalance); 1: CAGrad's"
+    )
     parser.add_argument("--seeds", type=int, help="seeds for the regression (default 5, quick 2)")
     parser.add_argument("--steps", type=int, help="AdamW steps on the regression (default 300, quick 100)")
     args = parser.parse_args(argv)
@@ -262,29 +292,31 @@ def main(argv: list[str] | None = None) -> int:
         plot_toy(toy, args.plot, args.toy_scale, inits)
     reg = run_regression(seeds, steps)
     cmd = "python benchmarks/conflict_quality.py" + (" --quick" if args.quick else "")
-    text = "\n".join([
-        "## Conflict quality: weighted sum vs MGDA, UPGrad and MARBLE",
-        "",
-        f"`{cmd}` — {environment_line()}; {time.perf_counter() - t0:.0f} s.",
-        "",
-        f"### (a) CAGrad / Nash-MTL toy: Adam (lr {args.toy_lr:g}), {toy_steps} steps, f1 scale {args.toy_scale:g}",
-        "",
-        "Pareto gap at the end point: the largest t such that some point of the Pareto front (computed "
-        "numerically) is better by t in *both* f1 and f2 — 0 on the front. End points as (x1, x2).",
-        "",
-        toy_table(toy, args.toy_scale, inits),
-        "",
-        f"### (b) Specialist multi-task regression (`marble_opt.demo`): {len(seeds)} seeds × {steps} AdamW steps (lr 1e-2)",
-        "",
-        "Final held-out MSE per objective, mean ± std over seeds (objective `xS` regresses a target of scale S):",
-        "",
-        regression_tables(reg),
-        "",
-        "Cosines are between the update direction written to `.grad` and each objective's gradient on the "
-        "same mini-batch. MARBLE paper (SD3.5-M, 5 rewards): weighted sum negative in 80% of mini-batches, "
-        "worst −0.13, variance 0.161; MARBLE never negative, worst +0.37, variance 0.006.",
-        "",
-    ])
+    text = "\n".join(
+        [
+            "## Conflict quality: weighted sum vs MGDA, UPGrad and MARBLE",
+            "",
+            f"`{cmd}` — {environment_line()}; {time.perf_counter() - t0:.0f} s.",
+            "",
+            f"### (a) CAGrad / Nash-MTL toy: Adam (lr {args.toy_lr:g}), {toy_steps} steps, f1 scale {args.toy_scale:g}",
+            "",
+            "Pareto gap at the end point: the largest t such that some point of the Pareto front (computed "
+            "numerically) is better by t in *both* f1 and f2 — 0 on the front. End points as (x1, x2).",
+            "",
+            toy_table(toy, args.toy_scale, inits),
+            "",
+            f"### (b) Specialist multi-task regression (`marble_opt.demo`): {len(seeds)} seeds × {steps} AdamW steps (lr 1e-2)",
+            "",
+            "Final held-out MSE per objective, mean ± std over seeds (objective `xS` regresses a target of scale S):",
+            "",
+            regression_tables(reg),
+            "",
+            "Cosines are between the update direction written to `.grad` and each objective's gradient on the "
+            "same mini-batch. MARBLE paper (SD3.5-M, 5 rewards): weighted sum negative in 80% of mini-batches, "
+            "worst −0.13, variance 0.161; MARBLE never negative, worst +0.37, variance 0.006.",
+            "",
+        ]
+    )
     write_markdown(args.out, text)
     return 0
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -47,8 +48,6 @@ from _common import (  # noqa: E402
     time_call,
     write_markdown,
 )
-
-import torch  # noqa: E402
 
 from marble_opt import MinNormSolver, min_norm_weights  # noqa: E402
 from marble_opt._src.qp import frank_wolfe_min_norm  # noqa: E402
@@ -141,7 +140,9 @@ def _qpsolvers(g: np.ndarray, solver: str, ridge: float = 0.0, **settings) -> np
     k = g.shape[0]
     p = g + ridge * np.eye(k) if ridge else g
     try:
-        x = qpsolvers.solve_qp(p, np.zeros(k), A=np.ones((1, k)), b=np.ones(1), lb=np.zeros(k), solver=solver, **settings)
+        x = qpsolvers.solve_qp(
+            p, np.zeros(k), A=np.ones((1, k)), b=np.ones(1), lb=np.zeros(k), solver=solver, **settings
+        )
     except Exception:  # counted as a failure
         return None
     if x is None or not np.isfinite(x).all():
@@ -294,11 +295,18 @@ def run(sequences: dict, block: int = 10) -> dict:
     return dict(times=times, gaps=gaps, viol=viol, fails=fails, certs=certs, block=block)
 
 
+def steps_for(k: int, steps: int) -> int:
+    """Matrices per (K, kind): a third beyond K=16, where the slow baselines (Frank–Wolfe,
+    UPGrad) take tens of milliseconds per call."""
+    return steps if k <= 16 else max(steps // 3, 5)
+
+
 def build_sequences(ks, steps: int, seed: int, drift: float, train_steps: int) -> dict:
     seqs = {}
     for k in ks:
+        n = steps_for(k, steps)
         for j, kind in enumerate(GRAM_KINDS):
-            seqs[(k, kind)] = drifting_grams(kind, k, steps + 1, np.random.default_rng([seed, k, j]), drift)
+            seqs[(k, kind)] = drifting_grams(kind, k, n + 1, np.random.default_rng([seed, k, j]), drift)
     if TARGET_K in ks and train_steps:
         seqs[(TARGET_K, TRAINING)] = training_grams(train_steps, seed)
     return seqs
@@ -333,8 +341,8 @@ def report(res: dict, cold: dict | None, meta: dict) -> str:
         f"`{meta['command']}` — {environment_line()}; {meta['seconds']:.0f} s.",
         "",
         f"{len(GRAM_KINDS)} Gram kinds ({', '.join(GRAM_KINDS)}; `marble_opt.testing.hard_gram`) × "
-        f"{meta['steps']} matrices of a slowly drifting sequence (directions drift {meta['drift']} per step, "
-        "norms and structure kept) per K. Every method solves every matrix; methods take turns in blocks of "
+        f"{meta['steps']} matrices (K ≤ 16; {steps_for(32, meta['steps'])} beyond) of a slowly drifting sequence "
+        f"(directions drift {meta['drift']} per step, norms and structure kept) per K. Every method solves every matrix; methods take turns in blocks of "
         f"{res['block']} consecutive matrices (round-robin, order rotating). marble_opt's warm call is a "
         "persistent `MinNormSolver` called as `MarbleOptimizer` calls it: "
         "`solve(G, warm_start=<previous α>, validated=True)`. Times: median per call. Gap: worst "
@@ -349,11 +357,16 @@ def report(res: dict, cold: dict | None, meta: dict) -> str:
         "",
         "### Median time per call",
         "",
-        markdown_table(["method"] + [f"K={kk}" for kk in ks], [[m] + [fmt_time(times.median((m, kk))) for kk in ks] for m in METHODS]),
+        markdown_table(
+            ["method"] + [f"K={kk}" for kk in ks],
+            [[m] + [fmt_time(times.median((m, kk))) for kk in ks] for m in METHODS],
+        ),
         "",
         "### Worst objective gap (relative to trace G)",
         "",
-        markdown_table(["method"] + [f"K={kk}" for kk in ks], [[m] + [fmt_gap(gaps[(m, kk)]) for kk in ks] for m in METHODS]),
+        markdown_table(
+            ["method"] + [f"K={kk}" for kk in ks], [[m] + [fmt_gap(gaps[(m, kk)]) for kk in ks] for m in METHODS]
+        ),
         "",
         "### Simplex violation and failures (all K)",
         "",
@@ -371,13 +384,19 @@ def report(res: dict, cold: dict | None, meta: dict) -> str:
     lines += [
         f"### K={k} by Gram kind: median time / worst gap",
         "",
-        (f"`{TRAINING}`: the {meta['train_steps']} l2-normalised Gram matrices `MarbleOptimizer` solved while "
-         "training `marble_opt.demo`'s specialist regression (5 objectives, ρ=0.7): the in-training sequence."
-         if TRAINING in kinds else ""),
+        (
+            f"`{TRAINING}`: the {meta['train_steps']} l2-normalised Gram matrices `MarbleOptimizer` solved while "
+            "training `marble_opt.demo`'s specialist regression (5 objectives, ρ=0.7): the in-training sequence."
+            if TRAINING in kinds
+            else ""
+        ),
         "",
         markdown_table(
             ["method"] + kinds,
-            [[m] + [f"{fmt_time(times.median((m, k, kd)))} / {fmt_gap(gaps[(m, k, kd)])}" for kd in kinds] for m in METHODS],
+            [
+                [m] + [f"{fmt_time(times.median((m, k, kd)))} / {fmt_gap(gaps[(m, k, kd)])}" for kd in kinds]
+                for m in METHODS
+            ],
         ),
         "",
         f"### K={k}: time per call relative to marble_opt's warm call",
@@ -399,10 +418,18 @@ def report(res: dict, cold: dict | None, meta: dict) -> str:
             "with caches the previous method evicted, as a QP solve does between backward passes.",
             "",
             markdown_table(
-                ["method", "median (synthetic kinds)", "vs warm call"] + ([f"`{TRAINING}`", "vs warm call"] if TRAINING in kinds else []),
+                ["method", "median (synthetic kinds)", "vs warm call"]
+                + ([f"`{TRAINING}`", "vs warm call"] if TRAINING in kinds else []),
                 [
                     [m, fmt_time(ct.median((m, k))), f"{ct.ratio((m, k), (WARM, k)):.1f}×"]
-                    + ([fmt_time(ct.median((m, k, TRAINING))), f"{ct.ratio((m, k, TRAINING), (WARM, k, TRAINING)):.1f}×"] if TRAINING in kinds else [])
+                    + (
+                        [
+                            fmt_time(ct.median((m, k, TRAINING))),
+                            f"{ct.ratio((m, k, TRAINING), (WARM, k, TRAINING)):.1f}×",
+                        ]
+                        if TRAINING in kinds
+                        else []
+                    )
                     for m in METHODS
                 ],
             ),
@@ -436,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"K in {QUICK_KS}, 6 matrices per kind (a few seconds)")
     parser.add_argument("--out", help="write the Markdown tables to this file")
     parser.add_argument("--steps", type=int, help="matrices per (K, kind) (default 60, quick 6)")
-    parser.add_argument("--train-steps", type=int, help="training Gram matrices at K=5 (default 300, quick 30; 0: none)")
+    parser.add_argument(
+        "--train-steps", type=int, help="training Gram matrices at K=5 (default 300, quick 30; 0: none)"
+    )
     parser.add_argument("--block", type=int, default=10, help="consecutive matrices per turn (default 10)")
     parser.add_argument("--no-cold", action="store_true", help="skip the K=5 cold-cache pass (block 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -452,9 +481,22 @@ def main(argv: list[str] | None = None) -> int:
     cold = None
     if not args.no_cold and TARGET_K in ks:
         cold = run({key: v for key, v in seqs.items() if key[0] == TARGET_K}, block=1)
-    cmd = "python benchmarks/qp_solvers.py" + " ".join([""] + [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--out") and not a.endswith(".md")])
-    meta = dict(ks=ks, steps=steps, drift=args.drift, train_steps=train_steps, command=cmd.strip(),
-                seconds=time.perf_counter() - t0)
+    cmd = "python benchmarks/qp_solvers.py" + " ".join(
+        [""]
+        + [
+            a
+            for a in (argv if argv is not None else sys.argv[1:])
+            if not a.startswith("--out") and not a.endswith(".md")
+        ]
+    )
+    meta = dict(
+        ks=ks,
+        steps=steps,
+        drift=args.drift,
+        train_steps=train_steps,
+        command=cmd.strip(),
+        seconds=time.perf_counter() - t0,
+    )
     write_markdown(args.out, report(res, cold, meta))
     return 0
 

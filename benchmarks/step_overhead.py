@@ -13,10 +13,11 @@ One timed step is forward + backward + optimizer step. Reported, per K:
 - TorchJD 0.18: ``mtl_backward(losses, features=trunk output)`` then
   ``jac_to_grad(trunk params, MGDA() | UPGrad())``;
 - peak extra memory: on a fresh copy of the method (new model copy and optimizer), the
-  largest amount of memory allocated during its first step (a whole cycle for
-  ``refresh_every``) on top of what was allocated before it: activations, gradients,
+  largest amount of memory allocated during its first two steps (a whole cycle for
+  ``refresh_every``) on top of what was allocated before them: activations, gradients,
   AdamW's state (the same 2×N floats for every method) and whatever the method keeps
-  (MARBLE's K×N gradient buffer, TorchJD's ``.jac`` fields). Parameters are not counted.
+  between steps (MARBLE's K×N gradient buffer), i.e. the steady-state peak of the second
+  step. Parameters are not counted.
   CPU: reconstructed from the allocation events of ``torch.profiler`` (untimed); CUDA:
   ``torch.cuda.max_memory_allocated`` minus the allocation before the step.
 
@@ -82,10 +83,10 @@ class Config:
     refresh: int = 4
 
 
-FULL = Config(d_model=128, ff=512, layers=4, heads=4, batch=8, seq=32, ks=(2, 5, 8), repeats=25, warmup=3,
-              fidelity_steps=12)
-QUICK = Config(d_model=32, ff=64, layers=2, heads=2, batch=4, seq=8, ks=(2, 3), repeats=3, warmup=1,
-               fidelity_steps=4)
+FULL = Config(
+    d_model=128, ff=512, layers=4, heads=4, batch=16, seq=32, ks=(2, 5, 8), repeats=20, warmup=3, fidelity_steps=12
+)
+QUICK = Config(d_model=32, ff=64, layers=2, heads=2, batch=4, seq=8, ks=(2, 3), repeats=3, warmup=1, fidelity_steps=4)
 
 
 class Model(nn.Module):
@@ -113,8 +114,9 @@ def make_batches(cfg: Config, k: int, n: int, device: torch.device, seed: int) -
         x = torch.randn(cfg.batch, cfg.seq, cfg.d_model, generator=gen)
         # targets on different scales and partly opposed, so the objectives conflict
         base = torch.randn(cfg.batch, cfg.seq, generator=gen)
-        y = torch.stack([(1.0 + j) * ((-1) ** j) * base + torch.randn(cfg.batch, cfg.seq, generator=gen)
-                         for j in range(k)])
+        y = torch.stack(
+            [(1.0 + j) * ((-1) ** j) * base + torch.randn(cfg.batch, cfg.seq, generator=gen) for j in range(k)]
+        )
         out.append((x.to(device), y.to(device)))
     return out
 
@@ -162,7 +164,9 @@ def gram_params(model: Model, subset: str) -> list[nn.Parameter]:
     last = model.trunk.layers[-1]
     if subset == "block":  # the whole last encoder block
         return list(last.parameters())
-    # the last block's output projection and the norm after it: the layer nearest the heads
+    if subset == "norm":  # the trainable layer nearest the heads: the last LayerNorm's affine map
+        return list(last.norm2.parameters())
+    # the last block's FFN output projection and the norm after it
     return [*last.linear2.parameters(), *last.norm2.parameters()]
 
 
@@ -214,11 +218,14 @@ def methods(refresh: int) -> list[tuple[str, Callable[[Model], Step], int]]:
         ("marble shared", marble("shared"), 1),
         ("marble params (last block)", marble("params"), 1),
         ("marble params (last linear + norm)", marble("params", subset="linear"), 1),
+        ("marble params (last norm)", marble("params", subset="norm"), 1),
         (f"marble exact, refresh_every={refresh}", marble("exact", refresh), refresh),
     ]
     if torchjd is not None:
-        out += [("TorchJD mtl_backward + MGDA", torchjd_path(MGDA), 1),
-                ("TorchJD mtl_backward + UPGrad", torchjd_path(UPGrad), 1)]
+        out += [
+            ("TorchJD mtl_backward + MGDA", torchjd_path(MGDA), 1),
+            ("TorchJD mtl_backward + UPGrad", torchjd_path(UPGrad), 1),
+        ]
     return out
 
 
@@ -255,10 +262,12 @@ def peak_extra_bytes(step: Step, batch, device: torch.device, unit: int = 1) -> 
 
 
 # ---- timing ---------------------------------------------------------------------------
-def time_methods(cfg: Config, k: int, device: torch.device, seed: int) -> list[dict]:
+def time_methods(
+    cfg: Config, k: int, device: torch.device, seed: int, only: list[str] | None = None, clock=time.perf_counter
+) -> list[dict]:
     torch.manual_seed(seed)
     base = Model(cfg, k).to(device)
-    specs = methods(cfg.refresh)
+    specs = [m for m in methods(cfg.refresh) if m[0] == PLAIN or not only or any(o in m[0] for o in only)]
     steps = []
     for _label, build, _unit in specs:
         model = copy.deepcopy(base)
@@ -274,73 +283,116 @@ def time_methods(cfg: Config, k: int, device: torch.device, seed: int) -> list[d
             unit_times = []
             for _ in range(specs[i][2]):
                 sync(device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 steps[i](batches[counter % len(batches)])
                 sync(device)
-                unit_times.append(time.perf_counter() - t0)
+                unit_times.append(clock() - t0)
                 counter += 1
             if r >= cfg.warmup:
                 times[i].append(unit_times)
     rows = []
     for (label, build, unit), ts in zip(specs, times):
         # a fresh instance, so that buffers a method keeps between steps are counted too
-        mem = peak_extra_bytes(build(copy.deepcopy(base)), batches[0], device, unit)
+        mem = peak_extra_bytes(build(copy.deepcopy(base)), batches[0], device, max(unit, 2))
         if unit == 1:
             rows.append({"method": label, "ms": 1e3 * statistics.median(t[0] for t in ts), "mem": mem})
         else:  # a refresh cycle: the solve step, then unit-1 cached steps
-            rows.append({"method": f"{label}: mean over the cycle", "ms": 1e3 * statistics.median(
-                sum(t) / unit for t in ts), "mem": mem})
-            rows.append({"method": f"{label}: cached step", "ms": 1e3 * statistics.median(
-                x for t in ts for x in t[1:]), "mem": mem})
+            rows.append(
+                {
+                    "method": f"{label}: mean over the cycle",
+                    "ms": 1e3 * statistics.median(sum(t) / unit for t in ts),
+                    "mem": mem,
+                }
+            )
+            rows.append(
+                {
+                    "method": f"{label}: cached step",
+                    "ms": 1e3 * statistics.median(x for t in ts for x in t[1:]),
+                    "mem": mem,
+                }
+            )
     return rows
 
 
 # ---- fidelity -------------------------------------------------------------------------
 def flat_grad(model: nn.Module) -> Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
-                      for p in model.parameters()])
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in model.parameters()]
+    )
+
+
+FIDELITY_SOURCES = [
+    ("shared (trunk output)", "shared", None),
+    ("params (last block)", "params", "block"),
+    ("params (last linear + norm)", "params", "linear"),
+    ("params (last norm)", "params", "norm"),
+]
 
 
 def fidelity(cfg: Config, k: int, device: torch.device, seed: int) -> list[dict]:
+    """Per source: cosine with the exact update (median, min over steps), max |α − α_exact|,
+    and the worst cosine of the update with any objective's own gradient (min over steps)."""
     torch.manual_seed(seed)
     model = Model(cfg, k).to(device)
-    exact = MarbleOptimizer(adamw(model.parameters()), ema_decay=0.0, gram="exact")
+    params = list(model.parameters())
+    exact = MarbleOptimizer(adamw(params), ema_decay=0.0, gram="exact")
     batches = make_batches(cfg, k, cfg.fidelity_steps, device, seed + 2)
     stats: dict[str, dict[str, list[float]]] = {}
 
-    def record(name: str, cos: float, gap: float) -> None:
-        entry = stats.setdefault(name, {"cos": [], "gap": []})
-        entry["cos"].append(cos)
-        entry["gap"].append(gap)
+    def cosine(a: Tensor, b: Tensor) -> float:
+        return float(torch.dot(a, b) / (a.norm() * b.norm()))
 
     cached_w = cached_alpha = None
     for t, batch in enumerate(batches):
-        updates = {}
-        for gram in ("shared", "params"):
-            kw = {"gram_params": list(model.trunk.layers[-1].parameters())} if gram == "params" else {}
-            opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), ema_decay=0.0, gram=gram, **kw)
+        updates: dict[str, tuple[Tensor, np.ndarray]] = {}
+        for label, gram, subset in FIDELITY_SOURCES:
+            kw = {"gram_params": gram_params(model, subset)} if gram == "params" else {}
+            opt = MarbleOptimizer(torch.optim.SGD(params, lr=0.0), ema_decay=0.0, gram=gram, **kw)
             z, losses = model(*batch)
             opt.zero_grad()
             rep = opt.backward(losses, shared=z) if gram == "shared" else opt.backward(losses)
-            updates[gram] = (flat_grad(model), np.array(list(rep.raw_weights.values())))
-        exact.zero_grad()
+            updates[label] = (flat_grad(model), np.array(list(rep.raw_weights.values())))
         _, losses = model(*batch)
+        jac = torch.stack(
+            [  # the objectives' own gradients, K×N
+                torch.cat(
+                    [
+                        (g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                        for g, p in zip(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)
+                    ]
+                )
+                for loss in losses.values()
+            ]
+        )
+        exact.zero_grad()
         rep = exact.backward(losses)
         d = flat_grad(model)
         alpha = np.array(list(rep.raw_weights.values()))
-        for gram, (u, a) in updates.items():
-            cos = float(torch.dot(u, d) / (u.norm() * d.norm()))
-            record(gram, cos, float(np.abs(a - alpha).max()))
         w_now = np.array(list(rep.loss_weights.values()))
+        norms = np.sqrt(np.diag(rep.gram))
+        # the unbalanced baseline for scale: Σ_k ∇L_k, whose implied α_k ∝ ‖g_k‖ under l2 scaling
+        updates["(baseline) plain sum Σ L_k"] = (jac.sum(0), norms / norms.sum())
         if t % cfg.refresh == 0:
             cached_w, cached_alpha = w_now, alpha
-        else:
-            g = rep.gram
-            cos = float(cached_w @ g @ w_now / np.sqrt((cached_w @ g @ cached_w) * (w_now @ g @ w_now)))
-            record(f"refresh_every={cfg.refresh}", cos, float(np.abs(cached_alpha - alpha).max()))
+        else:  # the weights solved up to refresh-1 steps ago, applied to this batch's gradients
+            updates[f"refresh_every={cfg.refresh}"] = (torch.as_tensor(cached_w) @ jac, cached_alpha)
+        updates["exact (reference)"] = (d, alpha)
+        for label, (u, a) in updates.items():
+            entry = stats.setdefault(label, {"cos": [], "gap": [], "worst": []})
+            entry["cos"].append(cosine(u, d))
+            entry["gap"].append(float(np.abs(a - alpha).max()))
+            entry["worst"].append(min(cosine(u, row) for row in jac))
         exact.step()
-    return [{"source": name, "cos_median": statistics.median(v["cos"]), "cos_min": min(v["cos"]),
-             "gap_max": max(v["gap"])} for name, v in stats.items()]
+    return [
+        {
+            "source": name,
+            "cos_median": statistics.median(v["cos"]),
+            "cos_min": min(v["cos"]),
+            "gap_max": max(v["gap"]),
+            "worst": min(v["worst"]),
+        }
+        for name, v in stats.items()
+    ]
 
 
 # ---- report ---------------------------------------------------------------------------
@@ -348,8 +400,15 @@ def _ratio(by: dict[str, float], num: str, den: str) -> str:
     return f"{by[num] / by[den]:.3f}" if num in by and den in by else "n/a"
 
 
-def markdown(cfg: Config, device: torch.device, timing: dict[int, list[dict]], fid: dict[int, list[dict]],
-             command: str, elapsed: float) -> str:
+def markdown(
+    cfg: Config,
+    device: torch.device,
+    timing: dict[int, list[dict]],
+    fid: dict[int, list[dict]],
+    command: str,
+    elapsed: float,
+    clock: str = "wall",
+) -> str:
     n_params = sum(p.numel() for p in Model(cfg, 1).trunk.parameters())
     ks = list(timing)
     methods_order = [row["method"] for row in timing[ks[0]]]
@@ -360,52 +419,91 @@ def markdown(cfg: Config, device: torch.device, timing: dict[int, list[dict]], f
         "",
         f"`{command}` on {where}: {environment_line()}. Trunk: {cfg.layers} encoder layers, d={cfg.d_model}, "
         f"ff={cfg.ff} ({n_params / 1e6:.2f} M parameters) and K linear heads, batch {cfg.batch}×{cfg.seq} tokens; "
-        f"one step = forward + backward + AdamW step; median of {cfg.repeats} interleaved rounds; "
+        f"one step = forward + backward + AdamW step, timed by "
+        + (
+            "the CPU time of the torch thread (robust to other processes on a shared machine)"
+            if clock == "cpu"
+            else "wall-clock time"
+        )
+        + f"; median of {cfg.repeats} interleaved rounds; "
         f"the run took {elapsed:.0f} s.",
         "",
         "Time per step as a multiple of the plain AdamW step on the summed loss (ms per step in brackets):",
         "",
-        markdown_table(["method"] + [f"K={k}" for k in ks], [
-            [m] + [f"{by_k[k][m]['ms'] / by_k[k][PLAIN]['ms']:.3f}× ({by_k[k][m]['ms']:.1f} ms)" for k in ks]
-            for m in methods_order
-        ]),
+        markdown_table(
+            ["method"] + [f"K={k}" for k in ks],
+            [
+                [m] + [f"{by_k[k][m]['ms'] / by_k[k][PLAIN]['ms']:.3f}× ({by_k[k][m]['ms']:.1f} ms)" for k in ks]
+                for m in methods_order
+            ],
+        ),
         "",
         "Targets: `exact` ≤ 1.1× K backward passes; `shared`, `params` and the cached refresh step ≤ 1.05× "
         "the plain step; `exact` faster than TorchJD:",
         "",
-        markdown_table(["ratio"] + [f"K={k}" for k in ks], [
-            [label] + [_ratio({m: r["ms"] for m, r in by_k[k].items()}, num, den) for k in ks]
-            for label, num, den in [
-                ("exact ÷ K backward passes", EXACT, KPASS),
-                ("exact-lean ÷ K backward passes", "marble exact-lean", KPASS),
-                ("shared ÷ plain", "marble shared", PLAIN),
-                ("params (last block) ÷ plain", "marble params (last block)", PLAIN),
-                ("params (last linear + norm) ÷ plain", "marble params (last linear + norm)", PLAIN),
-                (f"refresh_every={cfg.refresh}, cached step ÷ plain",
-                 f"marble exact, refresh_every={cfg.refresh}: cached step", PLAIN),
-                (f"refresh_every={cfg.refresh}, cycle mean ÷ plain",
-                 f"marble exact, refresh_every={cfg.refresh}: mean over the cycle", PLAIN),
-                ("exact ÷ TorchJD MGDA", EXACT, "TorchJD mtl_backward + MGDA"),
-                ("exact ÷ TorchJD UPGrad", EXACT, "TorchJD mtl_backward + UPGrad"),
-            ]
-        ]),
+        markdown_table(
+            ["ratio"] + [f"K={k}" for k in ks],
+            [
+                [label] + [_ratio({m: r["ms"] for m, r in by_k[k].items()}, num, den) for k in ks]
+                for label, num, den in [
+                    ("exact ÷ K backward passes", EXACT, KPASS),
+                    ("exact-lean ÷ K backward passes", "marble exact-lean", KPASS),
+                    ("shared ÷ plain", "marble shared", PLAIN),
+                    ("params (last block) ÷ plain", "marble params (last block)", PLAIN),
+                    ("params (last linear + norm) ÷ plain", "marble params (last linear + norm)", PLAIN),
+                    ("params (last norm) ÷ plain", "marble params (last norm)", PLAIN),
+                    (
+                        f"refresh_every={cfg.refresh}, cached step ÷ plain",
+                        f"marble exact, refresh_every={cfg.refresh}: cached step",
+                        PLAIN,
+                    ),
+                    (
+                        f"refresh_every={cfg.refresh}, cycle mean ÷ plain",
+                        f"marble exact, refresh_every={cfg.refresh}: mean over the cycle",
+                        PLAIN,
+                    ),
+                    ("exact ÷ TorchJD MGDA", EXACT, "TorchJD mtl_backward + MGDA"),
+                    ("exact ÷ TorchJD UPGrad", EXACT, "TorchJD mtl_backward + UPGrad"),
+                ]
+            ],
+        ),
         "",
-        "Peak extra memory (MB) of a fresh instance's first step (whole cycle for refresh): activations, "
-        "gradients, AdamW state and the method's own buffers, parameters not counted:",
+        "Peak memory (MB) over a fresh instance's first two steps (a whole cycle for refresh) above what was "
+        "allocated before them: activations, gradients, AdamW state and the method's own buffers; parameters "
+        "not counted:",
         "",
-        markdown_table(["method"] + [f"K={k}" for k in ks], [
-            [m] + [f"{by_k[k][m]['mem'] / 2**20:.1f}" for k in ks] for m in methods_order
-        ]),
-        "",
-        f"Fidelity to the exact MARBLE update (ema_decay=0, {cfg.fidelity_steps} steps of one trajectory driven "
-        "by the exact update): cosine between the two updates (median, min) and max |α − α_exact|:",
-        "",
-        markdown_table(["source"] + [f"K={k}" for k in ks], [
-            [src] + [next((f"{r['cos_median']:.4f}, {r['cos_min']:.4f}; {r['gap_max']:.3f}"
-                           for r in fid[k] if r["source"] == src), "n/a") for k in ks]
-            for src in [r["source"] for r in fid[ks[0]]]
-        ]),
+        markdown_table(
+            ["method"] + [f"K={k}" for k in ks],
+            [[m] + [f"{by_k[k][m]['mem'] / 2**20:.1f}" for k in ks] for m in methods_order],
+        ),
     ]
+    if fid:
+        lines += [
+            "",
+            f"Fidelity to the exact MARBLE update (ema_decay=0, {cfg.fidelity_steps} steps of one trajectory driven "
+            "by the exact update). Each cell: cosine with the exact update (median, min over steps); "
+            "max |α − α_exact|; worst cosine of the update with any objective's own gradient (min over steps; "
+            "MARBLE's guarantee is that this is ≥ 0 for the exact update):",
+            "",
+            markdown_table(
+                ["source"] + [f"K={k}" for k in ks],
+                [
+                    [src]
+                    + [
+                        next(
+                            (
+                                f"{r['cos_median']:.3f}, {r['cos_min']:.3f}; {r['gap_max']:.3f}; {r['worst']:+.3f}"
+                                for r in fid[k]
+                                if r["source"] == src
+                            ),
+                            "n/a",
+                        )
+                        for k in ks
+                    ]
+                    for src in [r["source"] for r in fid[ks[0]]]
+                ],
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -418,6 +516,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the Markdown table to this file")
+    parser.add_argument("--methods", nargs="+", help="time only the methods whose label contains one of these")
+    parser.add_argument("--no-fidelity", action="store_true", help="skip the fidelity table")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        help="cpu: CPU time of the (single) torch thread, robust to other processes on a shared machine "
+        "(default on --device cpu); wall: elapsed time (default, and the only choice, on cuda)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -433,9 +539,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = Config(**{**cfg.__dict__, "repeats": args.repeats})
     command = "python benchmarks/step_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
-    timing = {k: time_methods(cfg, k, device, args.seed + k) for k in cfg.ks}
-    fid = {k: fidelity(cfg, k, device, args.seed + 100 + k) for k in cfg.ks}
-    text = markdown(cfg, device, timing, fid, command.strip(), time.perf_counter() - start)
+    clock_name = args.clock or ("cpu" if device.type == "cpu" else "wall")
+    if clock_name == "cpu" and (device.type != "cpu" or args.threads != 1):
+        parser.error("--clock cpu measures one thread's CPU time: use it with --device cpu --threads 1")
+    clock = time.thread_time if clock_name == "cpu" else time.perf_counter
+    timing = {k: time_methods(cfg, k, device, args.seed + k, args.methods, clock) for k in cfg.ks}
+    fid = {} if args.no_fidelity else {k: fidelity(cfg, k, device, args.seed + 100 + k) for k in cfg.ks}
+    text = markdown(cfg, device, timing, fid, command.strip(), time.perf_counter() - start, clock_name)
     write_markdown(args.out, text)
     return 0
 

@@ -34,8 +34,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "exact-nan-grad": dict(gram="exact", steps=3, nan_grad=(1, 0)),
     "exact-ddp-extra": dict(gram="exact", ddp=True, steps=4, extra=True),
     "exact-ddp-accum": dict(gram="exact", ddp=True, steps=3, micro=2),
+    # solve steps bypass DDP's reducer, cached steps (an ordinary backward) go through it
+    "exact-ddp-refresh": dict(gram="exact", ddp=True, steps=4, refresh_every=2),
     "exact-lean-ddp": dict(gram="exact-lean", ddp=True, steps=3),
     "shared-ddp": dict(gram="shared", ddp=True, steps=3),
+    # ĝ = g / L: the scales need the whole batch's losses (the mean over ranks)
+    "shared-ddp-loss-norm": dict(gram="shared", ddp=True, steps=3, normalize="loss"),
     "shared-ddp-nan-loss": dict(gram="shared", ddp=True, steps=3, nan_loss=(1, 0)),
     "shared-ddp-nan-grad": dict(gram="shared", ddp=True, steps=3, nan_grad=(1, 0)),
     # rank 1's first micro-batch (under no_sync) has a non-finite combined gradient that no
@@ -100,6 +104,7 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
         torch.optim.SGD(net.parameters(), lr=0.1),
         gram=gram,
         ema_decay=0.7,
+        normalize=cfg.get("normalize", "l2"),
         refresh_every=cfg.get("refresh_every", 1),
         gram_params=[net.out.weight, net.out.bias] if gram == "params" else None,
         process_group=group,

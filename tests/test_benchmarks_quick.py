@@ -94,7 +94,7 @@ def test_qp_tables_have_every_method_and_k(qp_report):
         assert all(len(cells) == len(qp.QUICK_KS) for cells in rows.values())
     times = _table(qp_report, "Median time per call")
     assert all(re.fullmatch(r"[\d.]+ (µs|ms|s)", c) for cells in times.values() for c in cells)
-    assert "K=5 by Gram kind" in qp_report and "Target (issue 5)" in qp_report
+    assert "K=5 by Gram kind" in qp_report and "Targets at K=5" in qp_report
 
 
 def test_qp_marble_is_exact_and_torchjd_mgda_is_not(qp_report):
@@ -114,7 +114,6 @@ def test_qp_marble_is_exact_and_torchjd_mgda_is_not(qp_report):
 
 def test_drifting_grams_keep_their_structure():
     qp = _load("qp_solvers")
-    rng = np.random.default_rng(3)
     for kind in ("duplicates", "opposite", "zero-rows", "rank-deficient", "wide-scales"):
         seq = qp.drifting_grams(kind, 8, 5, np.random.default_rng(7))
         g0 = qp.hard_gram(kind, 8, np.random.default_rng(7))
@@ -131,7 +130,6 @@ def test_drifting_grams_keep_their_structure():
                 ev = np.linalg.eigvalsh(g)
                 assert (ev[: 8 - 8 // 3] < 1e-9 * ev.max()).all()
         assert not np.allclose(seq[0], seq[-1])  # it does drift
-    del rng
 
 
 def test_reference_beyond_enumeration_is_certified():
@@ -160,9 +158,13 @@ def test_conflict_cosine_statistics(conflict_report):
     text, _ = conflict_report
     _, stats = _tables(text, "(b) Specialist multi-task regression")
     # columns: negative fraction, worst cosine, variance, left behind, all improved, time
-    for marble in ("MARBLE ρ=0.7", "MARBLE ρ=0"):
-        assert stats[marble][0] == "0% (0%–0%)", stats[marble]
-        assert float(stats[marble][1]) > 0.0
+    cq = _load("conflict_quality")
+    # MARBLE, and MGDA solved exactly, never move against an objective; TorchJD's MGDA
+    # (Frank–Wolfe stopped at steps < 1e-3) and the summed loss do.
+    for exact in ("MARBLE ρ=0.7", "MARBLE ρ=0", cq.MGDA_EXACT):
+        assert stats[exact][0] == "0% (0%–0%)", stats[exact]
+        assert float(stats[exact][1]) > 0.0
+    assert float(stats["MGDA (TorchJD)"][1]) < 0.0
     ws = stats["AdamW on summed loss"]
     assert float(ws[0].split("%")[0]) >= 30.0
     assert float(ws[1]) < 0.0

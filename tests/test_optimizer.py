@@ -502,27 +502,69 @@ def test_grad_scaler_matches_the_unscaled_run() -> None:
     assert opt.num_steps == ref_opt.num_steps == 5
 
 
-def test_grad_scaler_overflow_skips_and_backs_off() -> None:
-    """fp16-style overflow: GradScaler must see it, skip the step, lower the scale, and the
-    weights must advance only on real steps."""
+def test_grad_scaler_overflow_is_skipped_and_the_loop_backs_off() -> None:
+    """fp16-style overflow of the scaled losses/gradients: MARBLE reports a skipped step
+    (parameters, optimizer state, weights untouched, no gradient written). GradScaler only
+    looks at p.grad, so the loop backs the scale off itself on ``report.skipped``; the
+    weights advance only on real steps and every real step equals the unscaled run."""
     ref_model = make_model(11)
     ref_opt = MarbleOptimizer(torch.optim.AdamW(ref_model.parameters(), lr=1e-2))
     model = make_model(11)
     opt = MarbleOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-8, growth_interval=1000)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
     big = lambda m: {k: 1e3 * v for k, v in objectives(m).items()}  # noqa: E731
     real_steps = skipped = 0
     for _ in range(12):
         before, state = snapshot(model, opt)
         weights = opt.weights
+        opt.zero_grad()  # also forgets the skipped backward whose step() never came
+        report = opt.backward({k: scaler.scale(v) for k, v in big(model).items()})
+        if report.skipped:
+            skipped += 1
+            assert "non-finite" in report.reason
+            assert all(p.grad is None for p in model.parameters())
+            scaler.update(scaler.get_scale() * 2.0**-8)
+            for p, q in zip(model.parameters(), before):
+                assert torch.equal(p, q)
+            assert_same_tree(opt.state_dict()["state"], state["state"])
+            assert opt.weights == weights
+        else:
+            scaler.step(opt)
+            scaler.update()
+            real_steps += 1
+            ref_opt.zero_grad()
+            ref_opt.step(big(ref_model))
+            assert_same_params(ref_model, model)
+            assert opt.weights == ref_opt.weights
+    assert skipped >= 1 and real_steps >= 5
+    assert scaler.get_scale() < 2.0**127
+    assert opt.num_steps == real_steps
+
+
+def test_propagate_policy_lets_the_standard_grad_scaler_loop_back_off() -> None:
+    """With nonfinite="propagate" the unchanged torch loop (scale each loss, backward,
+    scaler.step, scaler.update) handles an overflow by itself: the skipped backward fills
+    p.grad with NaN, GradScaler sees it, skips the step and lowers its scale; parameters,
+    optimizer state and weights stay as they were, and real steps equal the unscaled run."""
+    ref_model = make_model(11)
+    ref_opt = MarbleOptimizer(torch.optim.AdamW(ref_model.parameters(), lr=1e-2))
+    model = make_model(11)
+    opt = MarbleOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), nonfinite="propagate")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)
+    big = lambda m: {k: 1e3 * v for k, v in objectives(m).items()}  # noqa: E731
+    real_steps = skipped = 0
+    for _ in range(40):
+        before, state = snapshot(model, opt)
+        weights = opt.weights
+        scale_before = scaler.get_scale()
         opt.zero_grad()
         report = opt.backward({k: scaler.scale(v) for k, v in big(model).items()})
-        scale = scaler.get_scale()
         scaler.step(opt)
         scaler.update()
         if report.skipped:
             skipped += 1
-            assert scaler.get_scale() == scale * 2.0**-8
+            assert all(torch.isnan(p.grad).all() for p in model.parameters())
+            assert scaler.get_scale() < scale_before  # the scaler backed off by itself
             for p, q in zip(model.parameters(), before):
                 assert torch.equal(p, q)
             assert_same_tree(opt.state_dict()["state"], state["state"])
@@ -720,9 +762,8 @@ def test_non_finite_is_skipped(setup, kind: str) -> None:
     report = opt.backward(_poisoned(model, kind))
     assert report.skipped and report.solver_status == "skipped"
     assert "mid" in report.reason and "non-finite" in report.reason
-    # The gradients say so too (GradScaler and accelerate look there) ...
-    assert all(p.grad is not None and torch.isnan(p.grad).all() for p in model.parameters())
-    assert opt.step() is None  # ... and the following step does nothing
+    assert all(p.grad is None for p in model.parameters())  # no gradient was written
+    assert opt.step() is None  # the following step does nothing
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
     assert_same_tree(opt.state_dict(), state)

@@ -9,6 +9,8 @@ parameter subset for params). Expected values are computed here by hand with
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -44,7 +46,9 @@ def batch(n: int = 6, k: int = K, d_in: int = 5, seed: int = 1) -> tuple[torch.T
     x = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
     base = torch.randn(n, 2, generator=gen, dtype=torch.float64)
     # opposed targets: the objectives conflict, so the weights are not trivial
-    y = torch.stack([(-1.0) ** j * base + 0.3 * torch.randn(n, 2, generator=gen, dtype=torch.float64) for j in range(k)])
+    y = torch.stack(
+        [(-1.0) ** j * base + 0.3 * torch.randn(n, 2, generator=gen, dtype=torch.float64) for j in range(k)]
+    )
     return x, y
 
 
@@ -72,7 +76,9 @@ def jac(loss_list, inputs) -> torch.Tensor:
     rows = []
     for loss in loss_list:
         grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(i)).reshape(-1) for g, i in zip(grads, inputs)]))
+        rows.append(
+            torch.cat([(g if g is not None else torch.zeros_like(i)).reshape(-1) for g, i in zip(grads, inputs)])
+        )
     return torch.stack(rows)
 
 
@@ -218,7 +224,9 @@ class LastLayer(nn.Module):
 
 
 def _last_layer_step(model: LastLayer, x: torch.Tensor, gram: str, normalize: str):
-    opt = MarbleOptimizer(torch.optim.SGD(model.last.parameters(), lr=0.1), gram=gram, ema_decay=0.0, normalize=normalize)
+    opt = MarbleOptimizer(
+        torch.optim.SGD(model.last.parameters(), lr=0.1), gram=gram, ema_decay=0.0, normalize=normalize
+    )
     model.zero_grad(set_to_none=True)
     u, losses = model(x)
     report = opt.backward(losses, shared=u) if gram == "shared" else opt.backward(losses)
@@ -255,7 +263,9 @@ def test_shared_accepts_a_list_of_tensors_and_sums_their_grams():
     x, y = data
     h = torch.tanh(model.l1(x))
     z = torch.tanh(model.l2(h))
-    losses = {f"obj{k}": ((head(z) - y[k]) ** 2).mean() + 0.1 * (h[:, k] ** 2).mean() for k, head in enumerate(model.heads)}
+    losses = {
+        f"obj{k}": ((head(z) - y[k]) ** 2).mean() + 0.1 * (h[:, k] ** 2).mean() for k, head in enumerate(model.heads)
+    }
     j = jac(list(losses.values()), [z, h])
     report = make_opt(model, "shared").backward(losses, shared=[z, h])
     np.testing.assert_allclose(report.gram, (j @ j.T).numpy(), rtol=1e-12)
@@ -448,7 +458,9 @@ def test_params_source_with_empty_gram_params():
 def test_params_source_with_a_tensor_outside_the_optimizer():
     model = Net()
     outsider = nn.Parameter(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match=r"gram_params\[1\] \(shape \(2, 3\)\) is not a parameter of the wrapped optimizer"):
+    with pytest.raises(
+        ValueError, match=r"gram_params\[1\] \(shape \(2, 3\)\) is not a parameter of the wrapped optimizer"
+    ):
         MarbleOptimizer(
             torch.optim.SGD(model.l2.parameters(), lr=0.1), gram="params", gram_params=[model.l2.weight, outsider]
         )
@@ -470,3 +482,22 @@ def test_gram_params_given_to_another_source_and_unknown_source():
         MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gram="exact", gram_params=[model.l1.weight])
     with pytest.raises(ValueError, match=r"gram must be one of .* got 'fast'"):
         MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gram="fast")
+
+
+@pytest.mark.parametrize("gram", SOURCES)
+def test_scratch_buffers_are_reused_but_not_copied(gram):
+    model, data = Net(), batch()
+    opt = make_opt(model, gram)
+    run(model, opt, data)
+    opt.step()
+    held = {k: v for k, v in vars(opt.source).items() if isinstance(v, torch.Tensor)}
+    run(model, opt, batch(seed=5))  # same shapes: the same buffers, no new allocation
+    for key, tensor in held.items():
+        assert getattr(opt.source, key) is tensor, key
+    model2, opt2 = copy.deepcopy((model, opt))  # a copy (or pickle) leaves the scratch space behind
+    assert not any(isinstance(v, torch.Tensor) for v in vars(opt2.source).values())
+    opt.zero_grad()
+    opt2.zero_grad()
+    r1, r2 = run(model, opt, data), run(model2, opt2, data)
+    np.testing.assert_allclose(as_array(r2.loss_weights), as_array(r1.loss_weights), rtol=1e-12)
+    torch.testing.assert_close(flat_grad(model2), flat_grad(model))

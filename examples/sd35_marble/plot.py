@@ -52,8 +52,15 @@ def reward_names(rows: list[dict]) -> list[str]:
     return [k.split("/", 1)[1] for k in rows[0] if k.startswith("reward/")]
 
 
-def plot_runs(runs: Sequence[list[dict]], labels: Sequence[str], out: str | Path, *, smooth: int = 10,
-              title: str | None = None, dpi: int = 80) -> Path:
+def plot_runs(
+    runs: Sequence[list[dict]],
+    labels: Sequence[str],
+    out: str | Path,
+    *,
+    smooth: int = 10,
+    title: str | None = None,
+    dpi: int = 80,
+) -> Path:
     """Draw the figure for ``runs`` (lists of metric rows) and save it to ``out``."""
     import matplotlib
 
@@ -65,8 +72,9 @@ def plot_runs(runs: Sequence[list[dict]], labels: Sequence[str], out: str | Path
         if reward_names(rows) != names:
             raise ValueError(f"run {label!r} has rewards {reward_names(rows)}, the first run {names}")
     panels = [("reward", "reward (batch mean)"), ("weight", "weight α"), ("cosine", "cos(update, ∇L_k)")]
-    fig, axes = plt.subplots(len(panels), len(names), figsize=(3.2 * len(names), 2.4 * len(panels)),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(panels), len(names), figsize=(3.2 * len(names), 2.4 * len(panels)), squeeze=False, sharex=True
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for col, name in enumerate(names):
         for row, (prefix, ylabel) in enumerate(panels):

@@ -209,18 +209,22 @@ class _ClipLike(Reward):
     default_processor = ""
     use_logit_scale = False
 
-    def __init__(self, path: str | None = None, processor_path: str | None = None, device: str = "cpu",
-                 batch_size: int = 16) -> None:
+    def __init__(
+        self, path: str | None = None, processor_path: str | None = None, device: str = "cpu", batch_size: int = 16
+    ) -> None:
         transformers = _require("transformers", self.name, "transformers")
         self.path = path or self.default_path
         self.processor_path = processor_path or self.default_processor or self.path
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
-        self.processor = _load(self.name, "the processor", self.processor_path,
-                               lambda: transformers.AutoProcessor.from_pretrained(self.processor_path),
-                               option="processor_path")
-        self.model = _load(self.name, "the model", self.path,
-                           lambda: transformers.CLIPModel.from_pretrained(self.path))
+        self.processor = _load(
+            self.name,
+            "the processor",
+            self.processor_path,
+            lambda: transformers.AutoProcessor.from_pretrained(self.processor_path),
+            option="processor_path",
+        )
+        self.model = _load(self.name, "the model", self.path, lambda: transformers.CLIPModel.from_pretrained(self.path))
         self.model.eval().requires_grad_(False).to(self.device)
 
     @torch.no_grad()
@@ -344,8 +348,9 @@ class OcrReward(Reward):
     name = "ocr"
     description = 'OCR accuracy of the prompt\'s "quoted text" (PaddleOCR 2.x; NaN without quotes)'
 
-    def __init__(self, det_model_dir: str | None = None, rec_model_dir: str | None = None,
-                 use_gpu: bool = False) -> None:
+    def __init__(
+        self, det_model_dir: str | None = None, rec_model_dir: str | None = None, use_gpu: bool = False
+    ) -> None:
         paddleocr = _require("paddleocr", self.name, "'paddlepaddle' 'paddleocr<3'")
         kwargs: dict[str, Any] = {"use_angle_cls": False, "lang": "en", "use_gpu": use_gpu, "show_log": False}
         if det_model_dir:
@@ -353,8 +358,9 @@ class OcrReward(Reward):
         if rec_model_dir:
             kwargs["rec_model_dir"] = rec_model_dir
         where = rec_model_dir or "PaddleOCR's default English models"
-        self.ocr = _load(self.name, "the OCR models", where, lambda: paddleocr.PaddleOCR(**kwargs),
-                         option="rec_model_dir")
+        self.ocr = _load(
+            self.name, "the OCR models", where, lambda: paddleocr.PaddleOCR(**kwargs), option="rec_model_dir"
+        )
 
     def read(self, image: Any) -> str:
         import numpy as np

@@ -59,7 +59,9 @@ def build_word_tokenizer(words: Iterable[str], *, max_length: int, add_bos: bool
             single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
         )
     else:
-        tok.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", vocab["<eos>"])])
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A <eos>", special_tokens=[("<eos>", vocab["<eos>"])]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",

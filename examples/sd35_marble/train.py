@@ -66,7 +66,7 @@ ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_pr
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 DEFAULT_PROMPTS = [str(HERE / "prompts" / f) for f in ("general.txt", "ocr.txt", "geneval.txt")]
 #: Fields a resumed run must keep: changing them would not continue the same run.
-FIXED_ON_RESUME = ("preset", "model", "rewards", "combine", "lora_rank", "lora_alpha", "lora_targets", "gram")
+FIXED_ON_RESUME = ("preset", "model", "seed", "rewards", "combine", "lora_rank", "lora_alpha", "lora_targets", "gram")
 
 
 class ConfigError(ValueError):
@@ -84,7 +84,9 @@ class Config:
     output_dir: str = "outputs/sd35_marble"
     max_steps: int = 100
     combine: str = "marble"
-    rewards: list[str] = field(default_factory=lambda: ["jpeg_compressibility", "brightness", "colourfulness", "text_contrast"])
+    rewards: list[str] = field(
+        default_factory=lambda: ["jpeg_compressibility", "brightness", "colourfulness", "text_contrast"]
+    )
     reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     prompt_files: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     resolution: int = 32
@@ -194,14 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", "continue the run in --output-dir from its checkpoint", action=argparse.BooleanOptionalAction)
     add("--seed", "seed of prompts, noise and LoRA init", type=int)
     add("--mixed-precision", "autocast dtype; bf16 also loads the frozen weights in bf16")
-    add("--gradient-checkpointing", "recompute transformer activations in backward",
-        action=argparse.BooleanOptionalAction)
-    add("--num-threads", "torch CPU threads (0: torch's default; the tiny model is too small to gain from more "
-        "than 1)", type=int)
+    add(
+        "--gradient-checkpointing",
+        "recompute transformer activations in backward",
+        action=argparse.BooleanOptionalAction,
+    )
+    add(
+        "--num-threads",
+        "torch CPU threads (0: torch's default; the tiny model is too small to gain from more than 1)",
+        type=int,
+    )
     g = p.add_argument_group("rewards and prompts")
     add("--rewards", "reward names (see --list-rewards)", nargs="+")
-    add("--reward-options", 'JSON object {reward: {option: value}}, e.g. \'{"pickscore": {"path": "/m"}}\'',
-        type=json.loads)
+    add(
+        "--reward-options",
+        'JSON object {reward: {option: value}}, e.g. \'{"pickscore": {"path": "/m"}}\'',
+        type=json_object,
+    )
     add("--prompt-files", "text files, one prompt per line; prompts are drawn equally from each", nargs="+")
     g = p.add_argument_group("rollouts")
     add("--resolution", "image size in pixels", type=int)
@@ -223,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--beta", "DiffusionNFT beta", type=float)
     add("--adv-clip", "advantage clip C", type=float)
     add("--kl-weight", "weight of the KL to the LoRA-free model (0: skip the reference pass)", type=float)
-    add("--per-group-std", "scale advantages by the std within each group, not the batch",
-        action=argparse.BooleanOptionalAction)
+    add(
+        "--per-group-std",
+        "scale advantages by the std within each group, not the batch",
+        action=argparse.BooleanOptionalAction,
+    )
     add("--marble-ema", "MARBLE's EMA rho of the balancing weights", type=float)
     add("--gram", "MARBLE Gram source (shared: on v_theta, one backward)")
     add("--refresh-every", "solve MARBLE's QP every N steps", type=int)
@@ -238,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--grid-images-per-prompt", "images per prompt in a sample grid", type=int)
     add("--checkpoint-every", "save a checkpoint every N steps (and at the last)", type=int)
     return p
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{reward: {{option: value}}}}, got {text!r}")
+    return value
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -297,8 +322,31 @@ def resolve_config(args: argparse.Namespace) -> Config:
         raise ConfigError(f"bad configuration: {exc}") from exc
 
 
+def _check_types(cfg: Config) -> None:
+    """Values from a config file are not typed by argparse: check (and widen int → float)."""
+    defaults = Config()
+    for f in fields(Config):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok:
+                setattr(cfg, f.name, float(value))
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, list):
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ConfigError(f"{flag} must be {type(default).__name__}, got {value!r} ({type(value).__name__})")
+
+
 def validate(cfg: Config) -> None:
     """Raise ``ConfigError`` naming the first bad value (no model is touched)."""
+    _check_types(cfg)
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"{name} = {getattr(cfg, name)!r}; choose one of {list(choices)}")
@@ -307,15 +355,30 @@ def validate(cfg: Config) -> None:
             f"--group-size must be at least 2, got {cfg.group_size}: advantages are centred within each "
             "prompt's group, so a group of one image always has advantage 0 and nothing to learn"
         )
-    positive_ints = ("max_steps", "prompts_per_step", "sampling_steps", "train_timesteps", "sample_batch_size",
-                     "train_batch_size", "resolution", "lora_rank", "refresh_every", "sample_every",
-                     "checkpoint_every", "grid_prompts", "grid_images_per_prompt", "max_sequence_length")
+    positive_ints = (
+        "max_steps",
+        "prompts_per_step",
+        "sampling_steps",
+        "train_timesteps",
+        "sample_batch_size",
+        "train_batch_size",
+        "resolution",
+        "lora_rank",
+        "refresh_every",
+        "sample_every",
+        "checkpoint_every",
+        "grid_prompts",
+        "grid_images_per_prompt",
+        "max_sequence_length",
+    )
     for name in positive_ints:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if cfg.train_timesteps > cfg.sampling_steps:
-        raise ConfigError(f"--train-timesteps ({cfg.train_timesteps}) cannot exceed --sampling-steps ({cfg.sampling_steps})")
+        raise ConfigError(
+            f"--train-timesteps ({cfg.train_timesteps}) cannot exceed --sampling-steps ({cfg.sampling_steps})"
+        )
     if cfg.num_threads < 0:
         raise ConfigError(f"--num-threads must be >= 0, got {cfg.num_threads!r}")
     for name in ("lr", "beta", "adv_clip", "lora_alpha"):
@@ -434,8 +497,11 @@ class Trainer:
             raise ConfigError(f"--resolution {cfg.resolution} must be a multiple of {factor} for this model")
         self.transformer = self.pipe.transformer
         self.vae = self.pipe.vae
-        self.latent_shape = (self.transformer.config.in_channels, cfg.resolution // self.pipe.vae_scale_factor,
-                             cfg.resolution // self.pipe.vae_scale_factor)
+        self.latent_shape = (
+            self.transformer.config.in_channels,
+            cfg.resolution // self.pipe.vae_scale_factor,
+            cfg.resolution // self.pipe.vae_scale_factor,
+        )
         self._setup_lora()
 
         from marble_opt import MarbleOptimizer
@@ -464,8 +530,9 @@ class Trainer:
         if cfg.preset == "tiny":
             from tiny import build_tiny_pipeline
 
-            pipe = build_tiny_pipeline([p for src in self.sources for p in src], seed=cfg.seed,
-                                       max_length=cfg.max_sequence_length)
+            pipe = build_tiny_pipeline(
+                [p for src in self.sources for p in src], seed=cfg.seed, max_length=cfg.max_sequence_length
+            )
         else:
             from diffusers import StableDiffusion3Pipeline
 
@@ -498,8 +565,12 @@ class Trainer:
         cfg = self.cfg
 
         def lora_config() -> LoraConfig:
-            return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                              target_modules=list(cfg.lora_targets))
+            return LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                init_lora_weights="gaussian",
+                target_modules=list(cfg.lora_targets),
+            )
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -524,7 +595,9 @@ class Trainer:
         with torch.no_grad():  # the old policy starts as the policy
             for key, p in self.named["default"].items():
                 self.named["old"][key].copy_(p)
-        self.ema = {k: p.detach().clone() for k, p in self.named["default"].items()} if cfg.model_ema_decay > 0 else None
+        self.ema = (
+            {k: p.detach().clone() for k, p in self.named["default"].items()} if cfg.model_ema_decay > 0 else None
+        )
 
     def _adapter_params(self, adapter: str) -> dict[str, torch.nn.Parameter]:
         """``{peft state-dict key: parameter}`` of one adapter (key without the adapter name)."""
@@ -551,7 +624,9 @@ class Trainer:
                 self.transformer.enable_adapters()
             self.transformer.set_adapter("default")
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
         """The transformer's flow-matching velocity ``v = ε − x0`` at time ``sigma`` (B,), float32."""
         with self.accelerator.autocast():
             out = self.transformer(
@@ -566,8 +641,13 @@ class Trainer:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=False, max_sequence_length=self.cfg.max_sequence_length,
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.cfg.max_sequence_length,
         )
         return embeds.to(self.weight_dtype), pooled.to(self.weight_dtype)
 
@@ -654,7 +734,9 @@ class Trainer:
         masks = {k: torch.isfinite(v).to(self.device) for k, v in local.items()}
         return gathered, adv_local, masks
 
-    def train_step(self, batch: Rollout, adv: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def train_step(
+        self, batch: Rollout, adv: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
         from marble_opt.rl import nft_losses
 
         cfg, acc = self.cfg, self.accelerator
@@ -663,8 +745,11 @@ class Trainer:
         # each sample is trained on train_timesteps distinct timesteps of its schedule
         slots = torch.argsort(torch.rand(b, n_sched, generator=self.gen), dim=1)[:, : cfg.train_timesteps]
         order = torch.randperm(b, generator=self.gen)
-        micro = [(j, order[lo : lo + cfg.train_batch_size]) for j in range(cfg.train_timesteps)
-                 for lo in range(0, b, cfg.train_batch_size)]
+        micro = [
+            (j, order[lo : lo + cfg.train_batch_size])
+            for j in range(cfg.train_timesteps)
+            for lo in range(0, b, cfg.train_batch_size)
+        ]
         n_micro = len(micro)
         names = self.reward_names
         sums = {"loss": 0.0, "kl": 0.0, **{f"loss/{k}": 0.0 for k in names}}
@@ -690,8 +775,17 @@ class Trainer:
                         v_ref = self.velocity(xt, sigma, embeds, pooled)
             v = self.velocity(xt, sigma, embeds, pooled)
             out = nft_losses(
-                v, v_old, x0, xt, sigma, {k: adv[k][dev_idx] for k in names}, beta=cfg.beta, adv_clip=cfg.adv_clip,
-                masks={k: masks[k][dev_idx] for k in names}, v_ref=v_ref, kl_weight=cfg.kl_weight,
+                v,
+                v_old,
+                x0,
+                xt,
+                sigma,
+                {k: adv[k][dev_idx] for k in names},
+                beta=cfg.beta,
+                adv_clip=cfg.adv_clip,
+                masks={k: masks[k][dev_idx] for k in names},
+                v_ref=v_ref,
+                kl_weight=cfg.kl_weight,
             )
             losses = {k: out.losses[k] / n_micro for k in names}
             kl = out.kl / n_micro if out.kl is not None else None
@@ -793,8 +887,10 @@ class Trainer:
         from PIL import Image
 
         cfg = self.cfg
-        prompts = [self.sources[i % len(self.sources)][(i // len(self.sources)) % len(self.sources[i % len(self.sources)])]
-                   for i in range(cfg.grid_prompts)]
+        prompts = [
+            self.sources[i % len(self.sources)][(i // len(self.sources)) % len(self.sources[i % len(self.sources)])]
+            for i in range(cfg.grid_prompts)
+        ]
         n = cfg.grid_images_per_prompt
         gen = torch.Generator().manual_seed(cfg.seed + 12345)
         embeds, pooled = self.encode(prompts)
@@ -849,15 +945,19 @@ class Trainer:
         ckpt = self.out / "checkpoint"
         state = json.loads((ckpt / "trainer_state.json").read_text())
         if state["num_processes"] != acc.num_processes:
-            raise ConfigError(f"--resume: the run used {state['num_processes']} processes, this one has "
-                              f"{acc.num_processes}; resume with the same number")
+            raise ConfigError(
+                f"--resume: the run used {state['num_processes']} processes, this one has "
+                f"{acc.num_processes}; resume with the same number"
+            )
         for adapter in ("default", "old") + (("ema",) if self.ema is not None else ()):
             sd = load_file(str(ckpt / f"lora_{adapter}.safetensors"))
             target = self.ema if adapter == "ema" else self.named[adapter]
             with torch.no_grad():
                 for key, p in target.items():
                     p.copy_(sd[f"transformer.{key}"])
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))  # moved to the params by torch
+        self.optimizer.load_state_dict(
+            torch.load(ckpt / "optimizer.pt", map_location="cpu")
+        )  # moved to the params by torch
         self.prompt_rng.setstate(torch.load(ckpt / "prompt_rng.pt")["prompt_rng"])
         rng = torch.load(ckpt / f"rng_{acc.process_index}.pt")
         self.gen.set_state(rng["gen"])
@@ -884,8 +984,14 @@ class Trainer:
         if self.step >= cfg.max_steps:
             acc.print(f"nothing to do: the run in {self.out} is at step {self.step} >= --max-steps {cfg.max_steps}")
             return 0
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.combine}", unit="step",
-                   disable=not acc.is_local_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=f"{cfg.combine}",
+            unit="step",
+            disable=not acc.is_local_main_process,
+            dynamic_ncols=True,
+        )
         while self.step < cfg.max_steps:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
@@ -903,11 +1009,17 @@ class Trainer:
                 row[f"reward/{k}"] = nan_mean(v)
                 row[f"reward_valid/{k}"] = float(torch.isfinite(v).float().mean())
             row.update(stats)
-            row.update({
-                "old_decay": decay, "lr": self.optimizer.param_groups[0]["lr"],
-                "images_per_step": int(batch.x0.shape[0] * acc.num_processes),
-                "rollout_time": t1 - t0, "reward_time": t2 - t1, "train_time": t3 - t2, "step_time": t3 - t0,
-            })
+            row.update(
+                {
+                    "old_decay": decay,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "images_per_step": int(batch.x0.shape[0] * acc.num_processes),
+                    "rollout_time": t1 - t0,
+                    "reward_time": t2 - t1,
+                    "train_time": t3 - t2,
+                    "step_time": t3 - t0,
+                }
+            )
             if torch.cuda.is_available():
                 row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if acc.is_main_process:
@@ -918,8 +1030,9 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                 self.save_checkpoint()
             bar.update(1)
-            bar.set_postfix({k.split("/")[1][:8]: f"{row[k]:.3g}" for k in row
-                             if k.startswith("reward/") and row[k] is not None})
+            bar.set_postfix(
+                {k.split("/")[1][:8]: f"{row[k]:.3g}" for k in row if k.startswith("reward/") and row[k] is not None}
+            )
         bar.close()
         acc.wait_for_everyone()
         acc.end_training()
@@ -944,8 +1057,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         ckpt = Path(cfg.output_dir) / "checkpoint"
         if not cfg.resume and ckpt.exists():
-            raise ConfigError(f"{cfg.output_dir!r} already holds a run (checkpoint/): pass --resume to continue "
-                              "it, or choose another --output-dir")
+            raise ConfigError(
+                f"{cfg.output_dir!r} already holds a run (checkpoint/): pass --resume to continue "
+                "it, or choose another --output-dir"
+            )
         prompts = load_prompt_files(cfg.prompt_files)
         rewards = build_rewards(cfg.rewards, cfg.reward_options)  # loads reward models: fail before the SD3 model
         trainer = Trainer(cfg, prompts, rewards)

@@ -70,7 +70,9 @@ class SpecialistProblem:
 
     def make_model(self) -> nn.Module:
         torch.manual_seed(self.seed)
-        trunk = nn.Sequential(nn.Linear(self.dim, self.hidden), nn.Tanh(), nn.Linear(self.hidden, self.width), nn.Tanh())
+        trunk = nn.Sequential(
+            nn.Linear(self.dim, self.hidden), nn.Tanh(), nn.Linear(self.hidden, self.width), nn.Tanh()
+        )
         heads = nn.ModuleList([nn.Linear(self.width, 1) for _ in self.scales])
         return nn.ModuleDict({"trunk": trunk, "heads": heads})
 
@@ -139,7 +141,9 @@ def _flat_grads(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
     rows = []
     for loss in losses:
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+        rows.append(
+            torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+        )
     return torch.stack(rows)  # (K, P)
 
 
@@ -212,7 +216,9 @@ def render(ws: TrainResult, mb: TrainResult, *, ema_decay: float) -> str:
     """The demo's printed table (plain text)."""
     names = ws.names
     lines = []
-    head = f"{'objective':<10} {'initial':>10} {'AdamW on sum':>14} {'(× initial)':>11} {'MARBLE':>10} {'(× initial)':>11}"
+    head = (
+        f"{'objective':<10} {'initial':>10} {'AdamW on sum':>14} {'(× initial)':>11} {'MARBLE':>10} {'(× initial)':>11}"
+    )
     lines += [head, "-" * len(head)]
     for n in names:
         lines.append(
@@ -225,7 +231,9 @@ def render(ws: TrainResult, mb: TrainResult, *, ema_decay: float) -> str:
         f"{'steps with a negative worst cosine':<44} {ws.negative_fraction:>14.0%} {mb.negative_fraction:>10.0%}"
     )
     lines.append(f"{'worst cosine seen':<44} {ws.worst.min():>14.3f} {mb.worst.min():>10.3f}")
-    lines.append(f"{'mean across-objective variance of cosines':<44} {ws.cosine_variance:>14.4f} {mb.cosine_variance:>10.4f}")
+    lines.append(
+        f"{'mean across-objective variance of cosines':<44} {ws.cosine_variance:>14.4f} {mb.cosine_variance:>10.4f}"
+    )
     lines.append(f"{'wall time':<44} {ws.seconds:>13.1f}s {mb.seconds:>9.1f}s")
     lines.append("")
     behind = [n for n in names if ws.ratio(n) > 0.9]

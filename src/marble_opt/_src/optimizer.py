@@ -19,7 +19,7 @@ from .sources import GramSource, combined_backward, make_source
 
 __all__ = ["MarbleOptimizer"]
 
-_NONFINITE_POLICIES = ("skip", "raise", "exclude")
+_NONFINITE_POLICIES = ("skip", "raise", "exclude", "propagate")
 
 
 class _Pending:
@@ -66,8 +66,11 @@ class MarbleOptimizer(torch.optim.Optimizer):
         refresh_every: solve the QP on every N-th optimizer step; in between, reuse the
             last loss weights with one ordinary backward.
         nonfinite: a non-finite loss or gradient ``"skip"``\ s the step (parameters,
-            optimizer state and weights untouched, ``report.skipped``), ``"raise"``\ s
-            ``FloatingPointError``, or is ``"exclude"``\ d from the QP for that step.
+            optimizer state, weights and ``p.grad`` untouched, ``report.skipped``),
+            ``"raise"``\ s ``FloatingPointError``, or is ``"exclude"``\ d from the QP for
+            that step. ``"propagate"`` skips like ``"skip"`` but fills ``p.grad`` with NaN,
+            as ``loss.backward()`` would: use it with fp16 ``GradScaler``, which then sees
+            the overflow, skips its step and lowers its scale.
         process_group: the ranks of a data-parallel job to agree with. ``None``: the
             default group whenever ``torch.distributed`` is initialized; a
             ``ProcessGroup``: that one; ``False``: none (each rank balances its own batch).
@@ -235,9 +238,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
                 penalty): its gradient is added after balancing.
 
         Returns:
-            A ``BalanceReport``. When it says ``skipped``, no update was written (on
-            non-finite input ``p.grad`` is set to NaN, so ``GradScaler`` and accelerate skip
-            as well) and the next ``step()`` leaves parameters and optimizer state untouched.
+            A ``BalanceReport``. When it says ``skipped``, no gradient was written and the
+            next ``step()`` leaves parameters and optimizer state untouched.
         """
         names, tensors = self._check_losses(losses)
         shared_list = self._check_shared(shared)
@@ -399,18 +401,13 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if self.nonfinite == "raise":
             raise FloatingPointError(f"{reason} (nonfinite='raise')")
         self._pending.skip = True
-        self._mark_grads(float("nan"))
+        if self.nonfinite == "propagate":
+            for p in self._trainable_params():
+                if p.grad is None:
+                    p.grad = torch.full_like(p, float("nan"))
+                else:
+                    p.grad.fill_(float("nan"))
         return self._report(names, values, skipped=True, status="skipped", reason=reason)
-
-    def _mark_grads(self, value: float) -> None:
-        """Make a skipped backward visible where GradScaler and accelerate look: they skip the
-        step on a non-finite ``p.grad`` (and need a ``p.grad`` to look at). ``value=0`` only
-        fills missing gradients."""
-        for p in self._trainable_params():
-            if p.grad is None:
-                p.grad = torch.full_like(p, value)
-            elif value != 0.0:
-                p.grad.fill_(value)
 
     def _apply_cached(self, names, values, tensors, params, extra) -> BalanceReport:
         w = self._loss_weights
@@ -448,7 +445,6 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if not valid.any():
             self.source.release()
             self._pending.skip = True
-            self._mark_grads(0.0)
             return self._report(
                 names, values, gram=gram, norms=norms, excluded=excluded, skipped=True, status="skipped",
                 reason="no objective has a finite, non-zero gradient",

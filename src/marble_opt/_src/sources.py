@@ -20,6 +20,13 @@ Sources:
   A cheaper approximation of the paper's G (MGDA-UB).
 - ``params``: exact gradients restricted to a named parameter subset (last layer, LoRA B
   matrices), then one full backward.
+
+G is always accumulated in float64. Buffers whose size does not change between steps (the
+K×N gradient rows, the float64 conversion block) are kept by the source and reused: a
+fresh multi-MB CPU allocation per step is paid again in page faults. The amortized sources
+cost, beyond a plain step, K backward passes through the ops after the shared tensors /
+named parameters, the Gram (K²·n float64 multiply-adds) and one finiteness check of the
+combined gradient (``all_finite``).
 """
 
 from __future__ import annotations
@@ -47,29 +54,56 @@ __all__ = [
     "make_source",
 ]
 
-#: Bytes of one float64 block when forming G from a K×N buffer. On CPU a block that stays in
-#: cache: converting a whole K×N float32 buffer at once costs page faults on a fresh
-#: allocation and was 7× slower (53 ms against 7.5 ms for K=8, N=0.8 M, one thread).
+#: Bytes of one float64 block when forming G from a K×N buffer of another dtype or device:
+#: on CPU a block that stays in cache. Converting a whole K×N float32 buffer at once costs
+#: page faults on a fresh allocation and was 7× slower (53 ms against 7.5 ms for K=8,
+#: N=0.8 M, one thread).
 _GRAM_BLOCK_BYTES = {"cpu": 1 << 22}
 _GRAM_BLOCK_BYTES_DEFAULT = 1 << 26
 
 
-def gram_float64(rows: Tensor, device: torch.device | None = None) -> np.ndarray:
-    """``rows @ rowsᵀ`` (K×K) accumulated in float64, over column blocks of bounded memory.
+class _GramWorkspace:
+    """The float64 conversion block ``gram_float64`` uses, kept between steps by a source.
 
-    ``device``: where to multiply (default: ``rows.device``); host rows are moved there one
-    block at a time (``exact-lean`` keeps its rows in pinned host memory).
+    A fresh multi-MB CPU allocation every step is paid in page faults (measured: a 4 MB
+    block allocated per step made the Gram of 8 gradients of 65 k entries 8× slower inside
+    a training step than in isolation).
     """
-    k, n = rows.shape
-    device = rows.device if device is None else torch.device(device)
-    budget = _GRAM_BLOCK_BYTES.get(device.type, _GRAM_BLOCK_BYTES_DEFAULT)
-    step = max(1024, budget // (8 * k))
-    out = torch.zeros((k, k), dtype=torch.float64, device=device)
-    for start in range(0, n, step):
-        block = rows[:, start : start + step].to(device, non_blocking=True).to(torch.float64)
-        out.addmm_(block, block.T)
-    g = out.cpu().numpy()
-    return 0.5 * (g + g.T)
+
+    def __init__(self) -> None:
+        self.block: Tensor | None = None
+
+    def gram(self, rows: Tensor, device: torch.device | None = None) -> np.ndarray:
+        """``rows @ rowsᵀ`` (K×K) accumulated in float64, over column blocks.
+
+        ``device``: where to multiply (default: ``rows.device``); host rows are moved there
+        one block at a time (``exact-lean`` keeps its rows in pinned host memory). float64
+        rows already on ``device`` are multiplied in place, block by block, with no copy.
+        """
+        k, n = rows.shape
+        device = rows.device if device is None else torch.device(device)
+        budget = _GRAM_BLOCK_BYTES.get(device.type, _GRAM_BLOCK_BYTES_DEFAULT)
+        step = min(n, max(1024, budget // (8 * k)))
+        in_place = rows.dtype == torch.float64 and rows.device == device
+        if not in_place:
+            self.block = _reuse(self.block, (k, step), torch.float64, device)
+        out = torch.zeros((k, k), dtype=torch.float64, device=device)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            if in_place:
+                block = rows[:, start:stop]
+            else:
+                block = self.block[:, : stop - start]
+                block.copy_(rows[:, start:stop], non_blocking=True)
+            out.addmm_(block, block.T)
+        g = out.cpu().numpy()
+        return 0.5 * (g + g.T)
+
+
+def gram_float64(rows: Tensor, device: torch.device | None = None) -> np.ndarray:
+    """``rows @ rowsᵀ`` (K×K) accumulated in float64, over column blocks of bounded memory
+    (see ``_GramWorkspace.gram``)."""
+    return _GramWorkspace().gram(rows, device)
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
@@ -195,8 +229,34 @@ class GramSource(abc.ABC):
         Under ``torch.distributed`` this is an ordinary backward: DDP averages it."""
         return combined_backward(losses, w, params, extra, in_place=self.comm.active)
 
-    def release(self) -> None:
+    def release(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Drop any per-step buffers."""
+
+    #: Attributes holding scratch buffers kept between steps: left out of pickles and copies.
+    _SCRATCH: ClassVar[tuple[str, ...]] = ("_buffer", "_storage", "_host", "_rows_buf", "_gram_ws")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for key in self._SCRATCH:
+            if key in state:
+                state[key] = None
+        return state
+
+    def _gram(self, rows: Tensor, device: torch.device | None = None) -> np.ndarray:
+        """``gram_float64`` with this source's conversion block kept between steps."""
+        ws = self.__dict__.get("_gram_ws")
+        if ws is None:
+            ws = self._gram_ws = _GramWorkspace()
+        return ws.gram(rows, device)
+
+    def _rows(self, shape: tuple[int, int], like: Sequence[Tensor]) -> Tensor:
+        """The K×n buffer for gradients w.r.t. ``like``, kept between steps. float64 on CPU
+        (the Gram then needs no conversion), else float32 or wider."""
+        device = like[0].device
+        dtype = torch.float64 if device.type == "cpu" else _grad_dtype(like)
+        buf = _reuse(self.__dict__.get("_rows_buf"), shape, dtype, device)
+        self._rows_buf = buf
+        return buf
 
     def check_shared(self, shared: Sequence[Tensor] | None) -> None:
         """Reject a ``shared`` argument this source would ignore."""
@@ -217,8 +277,9 @@ def _grad_dtype(params: Sequence[Tensor]) -> torch.dtype:
     return dtype
 
 
-def _reuse(buffer: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-           *, pin: bool = False) -> Tensor:
+def _reuse(
+    buffer: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *, pin: bool = False
+) -> Tensor:
     """``buffer`` if it has this shape, dtype and device, else a new empty tensor.
 
     Large per-step buffers are kept between steps: a fresh CPU allocation of tens of MB is
@@ -260,7 +321,7 @@ class ExactSource(GramSource):
             del grads
         self._used = used
         self._buffer = self.comm.mean_(buf)  # autograd.grad bypasses DDP: average across ranks here
-        return gram_float64(buf)
+        return self._gram(buf)
 
     def apply(self, w, losses, params, extra):
         buf = self._buffer
@@ -338,7 +399,7 @@ class ExactLeanSource(GramSource):
                 del grads
                 host[k].copy_(self.comm.mean_(scratch))
         del scratch
-        return gram_float64(host, device=device)
+        return self._gram(host, device=device)
 
 
 class SharedSource(GramSource):
@@ -365,7 +426,7 @@ class SharedSource(GramSource):
         self.check_shared(shared)
         assert shared is not None
         numels = [z.numel() for z in shared]
-        buf = torch.empty((len(losses), sum(numels)), dtype=_grad_dtype(shared), device=shared[0].device)
+        buf = self._rows((len(losses), sum(numels)), shared)
         reached = [False] * len(shared)
         blind = []
         for k, loss in enumerate(losses):
@@ -385,7 +446,7 @@ class SharedSource(GramSource):
                 f"loss {blind[0]!r} has no path to the shared tensor(s): gram='shared' needs every loss computed "
                 "from them (use gram='exact' or 'params' for losses that bypass them)"
             )
-        return self.comm.gram_of_mean(gram_float64(buf), buf.device)  # (1/R²) Σ_r G_r
+        return self.comm.gram_of_mean(self._gram(buf), buf.device)  # (1/R²) Σ_r G_r
 
 
 class ParamsSource(GramSource):
@@ -399,13 +460,12 @@ class ParamsSource(GramSource):
     def gram(self, losses, names, params, shared, *, keep_graph):
         self.check_shared(shared)
         numels = [p.numel() for p in self.gram_params]
-        buf = torch.empty((len(losses), sum(numels)), dtype=_grad_dtype(self.gram_params),
-                          device=self.gram_params[0].device)
+        buf = self._rows((len(losses), sum(numels)), self.gram_params)
         for k, loss in enumerate(losses):
             grads = _grads_of(loss, self.gram_params, retain_graph=True)
             _require_path(grads, names[k], "any of gram_params")
             _flatten_into(buf[k], grads, numels)
-        return gram_float64(self.comm.mean_(buf))
+        return self._gram(self.comm.mean_(buf))
 
 
 GRAM_SOURCES: dict[str, Callable[..., GramSource]] = {

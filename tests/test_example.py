@@ -1,0 +1,423 @@
+"""The bundled example (examples/sd35_marble): the tiny preset end to end, offline, on CPU.
+
+The main run is the command the issue asks for, in a subprocess with HF_HUB_OFFLINE=1:
+``python examples/sd35_marble/train.py --preset tiny --max-steps 2 --output-dir DIR``.
+Its outputs are checked by several tests (metrics keys, LoRA file, sample grid, resume).
+Bad inputs, the reward interface, the policy switching and the sampler are checked in
+process, on the same modules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "sd35_marble"
+TRAIN = EXAMPLE / "train.py"
+DEFAULT_REWARDS = ("jpeg_compressibility", "brightness", "colourfulness", "text_contrast")
+
+if str(EXAMPLE) not in sys.path:
+    sys.path.insert(0, str(EXAMPLE))
+
+import plot  # noqa: E402
+import rewards as rw  # noqa: E402
+import train  # noqa: E402
+
+torch.set_num_threads(1)
+
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# A small, fast configuration for in-process runs (the subprocess runs use the preset as is).
+SMALL = [
+    "--group-size",
+    "4",
+    "--prompts-per-step",
+    "2",
+    "--sampling-steps",
+    "4",
+    "--train-timesteps",
+    "1",
+    "--grid-prompts",
+    "2",
+    "--grid-images-per-prompt",
+    "2",
+]
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(TRAIN), *args],
+        env=ENV,
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return finish(start(*args))
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """The issue's command: 2 steps of the tiny preset, offline, in a subprocess."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    proc = run("--preset", "tiny", "--max-steps", "2", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+# ---- the offline tiny run ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_tiny_run_logs_one_row_per_step_with_every_reward_key(tiny_run):
+    rows = rows_of(tiny_run)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        for name in DEFAULT_REWARDS:
+            for prefix in ("reward", "weight", "cosine", "mean_cosine"):
+                value = row[f"{prefix}/{name}"]
+                assert isinstance(value, float) and math.isfinite(value), (prefix, name, value)
+            assert -1.0 <= row[f"cosine/{name}"] <= 1.0
+        assert math.isfinite(row["loss"]) and row["step_time"] > 0
+        assert sum(row[f"weight/{n}"] for n in DEFAULT_REWARDS) == pytest.approx(1.0, abs=1e-6)
+        assert row["images_per_step"] == 32
+        assert row["reward_valid/brightness"] == 1.0
+        # the NaN stand-in applies only to prompts with quoted text (one file of three)
+        assert 0.0 < row["reward_valid/text_contrast"] < 1.0
+        assert row["skipped"] is False
+
+
+@pytest.mark.slow
+def test_tiny_run_saves_lora_safetensors_that_diffusers_loads(tiny_run):
+    from safetensors.torch import load_file
+    from tiny import build_tiny_pipeline
+
+    weights = load_file(str(tiny_run / "pytorch_lora_weights.safetensors"))
+    assert weights and all(k.startswith("transformer.") for k in weights)
+    assert {k.split(".")[-2] for k in weights} == {"lora_A", "lora_B"}
+    targets = {k.split(".lora_")[0].split("attn.")[-1].split("attn2.")[-1] for k in weights}
+    assert targets == set(train.ATTENTION_TARGETS)
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # trained, not the zero init
+    # diffusers reads the file and its metadata (alpha 16 / rank 8 -> scale 2)
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    pipe = build_tiny_pipeline([p for src in train.load_prompt_files(cfg["prompt_files"]) for p in src], seed=0)
+    pipe.load_lora_weights(str(tiny_run), adapter_name="trained")
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert layer.scaling["trained"] == pytest.approx(2.0)
+    key = "transformer.transformer_blocks.0.attn.to_q.lora_B.weight"
+    assert torch.equal(layer.lora_B["trained"].weight.detach(), weights[key])
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_a_png_sample_grid(tiny_run):
+    from PIL import Image
+
+    grid = tiny_run / "samples" / "step_000002.png"
+    with Image.open(grid) as img:
+        assert img.format == "PNG"
+        assert img.size == (4 * 32, 4 * 32)  # grid_images_per_prompt x grid_prompts images of 32 px
+
+
+@pytest.mark.slow
+def test_resume_continues_the_step_count(tiny_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tiny_run, resumed)
+    proc = run("--output-dir", str(resumed), "--resume", "--max-steps", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = rows_of(resumed)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[:2] == rows_of(tiny_run)
+    assert json.loads((resumed / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert (resumed / "samples" / "step_000003.png").is_file()
+    assert (resumed / "pytorch_lora_weights.safetensors").read_bytes() != (
+        tiny_run / "pytorch_lora_weights.safetensors"
+    ).read_bytes()
+
+
+@pytest.mark.slow
+def test_plot_draws_reward_and_weight_curves(tiny_run, tmp_path):
+    out = tmp_path / "curves.png"
+    assert plot.main([str(tiny_run), str(tiny_run / "metrics.jsonl"), "--labels", "a", "b", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- bad input: clear errors before any training ---------------------------------------------------
+@pytest.mark.slow
+def test_unknown_reward_exits_with_a_clear_error_before_training(tmp_path):
+    out = tmp_path / "run"
+    proc = run("--rewards", "brightness", "sharpness", "--output-dir", str(out))
+    assert proc.returncode == 2
+    assert "unknown reward 'sharpness'" in proc.stderr and "brightness" in proc.stderr
+    assert not out.exists()
+
+
+def _bad(argv, capsys, tmp_path) -> str:
+    out = tmp_path / "run"
+    assert train.main([*argv, "--output-dir", str(out)]) == 2
+    assert not (out / "metrics.jsonl").exists()
+    return capsys.readouterr().err
+
+
+def test_empty_prompt_file_is_rejected(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    err = _bad(["--prompt-files", str(empty)], capsys, tmp_path)
+    assert "empty.txt" in err and "is empty" in err
+
+
+def test_group_size_one_is_rejected(tmp_path, capsys):
+    err = _bad(["--group-size", "1"], capsys, tmp_path)
+    assert "--group-size must be at least 2" in err
+
+
+def test_reward_model_without_weights_is_rejected(tmp_path, capsys):
+    options = json.dumps({"pickscore": {"path": str(tmp_path / "none"), "processor_path": str(tmp_path / "none")}})
+    err = _bad(["--rewards", "pickscore", "--reward-options", options], capsys, tmp_path)
+    assert "reward 'pickscore': could not load" in err and "--reward-options" in err
+
+
+def test_reward_model_without_its_package_is_rejected(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if open_clip_torch were not installed
+    err = _bad(["--rewards", "hpsv2"], capsys, tmp_path)
+    assert "reward 'hpsv2' needs the Python package 'open_clip'" in err and "pip install open_clip_torch" in err
+
+
+@pytest.mark.slow
+def test_resume_without_a_checkpoint_and_reuse_without_resume_are_rejected(tiny_run, tmp_path, capsys):
+    err = _bad(["--resume"], capsys, tmp_path)
+    assert "no checkpoint to resume" in err
+    assert train.main(["--output-dir", str(tiny_run), "--max-steps", "5"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert train.main(["--output-dir", str(tiny_run), "--resume", "--rewards", "brightness"]) == 2
+    assert "a resumed run keeps it" in capsys.readouterr().err
+
+
+# ---- rewards --------------------------------------------------------------------------------------
+def test_pixel_rewards_follow_the_interface_and_conflict():
+    torch.manual_seed(0)
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    noisy = torch.rand(1, 3, 32, 32)
+    images = torch.cat([flat, noisy, torch.ones(1, 3, 32, 32)])
+    prompts = ["a cat", 'a sign that says "open"', "a dog"]
+    built = {r.name: r for r in rw.build_rewards(list(rw.PIXEL_REWARDS))}
+    scores = {name: r(images, prompts) for name, r in built.items()}
+    for s in scores.values():
+        assert s.shape == (3,) and s.dtype == torch.float32
+    assert torch.allclose(scores["jpeg_compressibility"], -scores["jpeg_incompressibility"])
+    assert scores["jpeg_compressibility"][0] > scores["jpeg_compressibility"][1]  # flat compresses better
+    assert scores["brightness"].tolist() == pytest.approx([0.5, float(noisy.mean()), 1.0])
+    assert scores["colourfulness"][0] == pytest.approx(0.0, abs=1e-6) and scores["colourfulness"][1] > 0.1
+    tc = scores["text_contrast"]
+    assert math.isnan(tc[0]) and math.isnan(tc[2]) and tc[1] > 0.1
+    with pytest.raises(ValueError, match="images must be a"):
+        built["brightness"](torch.rand(2, 32, 32), ["a", "b"])
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        built["brightness"](torch.rand(2, 3, 8, 8), ["a"])
+
+
+def test_clip_adapters_load_a_local_model_and_score(tmp_path):
+    from tiny import build_word_tokenizer, vocabulary
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    prompts = ["a red cat", 'a sign that says "open"']
+    words = vocabulary(prompts)
+    text = dict(
+        vocab_size=len(words) + 4,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(tmp_path)
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+        tokenizer=build_word_tokenizer(words, max_length=16, add_bos=True),
+    ).save_pretrained(tmp_path)
+    opts = {"path": str(tmp_path), "processor_path": str(tmp_path)}
+    for reward in rw.build_rewards(["pickscore", "clipscore"], {"pickscore": opts, "clipscore": opts}):
+        scores = reward(torch.rand(2, 3, 32, 32), prompts)
+        assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+# ---- the trainer's parts, in process ------------------------------------------------------------------
+def _trainer(tmp_path, *argv: str) -> train.Trainer:
+    cfg = train.resolve_config(train.build_parser().parse_args([*SMALL, *argv, "--output-dir", str(tmp_path / "r")]))
+    train.validate(cfg)
+    return train.Trainer(cfg, train.load_prompt_files(cfg.prompt_files), rw.build_rewards(cfg.rewards))
+
+
+def test_policy_switching_runs_old_and_reference_and_keeps_only_default_trainable(tmp_path):
+    t = _trainer(tmp_path)
+    x = torch.randn(2, *t.latent_shape)
+    sigma = torch.tensor([0.7, 0.3])
+    embeds, pooled = t.encode(["a cat", "a dog"])
+
+    def v(which=None):
+        with torch.no_grad():
+            if which is None:
+                return t.velocity(x, sigma, embeds, pooled)
+            with t.policy(which):
+                return t.velocity(x, sigma, embeds, pooled)
+
+    assert torch.equal(v(), v("old")) and torch.equal(v(), v("ref"))  # LoRA B starts at zero
+    with torch.no_grad():
+        for key, p in t.named["default"].items():
+            if "lora_B" in key:
+                p.add_(0.1)
+    assert not torch.allclose(v(), v("old"))
+    assert torch.equal(v("old"), v("ref"))  # the old adapter still has B = 0
+    for which in ("old", "ref"):
+        with t.policy(which):
+            pass
+        assert all(p.requires_grad for p in t.named["default"].values())
+        assert not any(p.requires_grad for p in t.named["old"].values())
+    t.step = 1  # the first update copies (d = min(0.001 * 0, 0.95) = 0)
+    assert t.update_old_policy() == 0.0
+    assert torch.equal(v(), v("old"))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 copy= warning inside diffusers
+def test_dpm2_sampler_matches_diffusers_dpm_solver_multistep():
+    from diffusers import DPMSolverMultistepScheduler
+
+    m, a = 2.0, 0.3  # data ~ N(m, a²): the exact flow is known, x0 = m + a·ε
+
+    def velocity(x, sig, *_):
+        t = sig.reshape(-1, 1, 1, 1).double()
+        x0 = m + (1 - t) * a**2 / ((1 - t) ** 2 * a**2 + t**2) * (x - (1 - t) * m)
+        return (x - x0) / t
+
+    sched = DPMSolverMultistepScheduler(
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+        prediction_type="flow_prediction",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+    )
+    sched.set_timesteps(25)
+    eps = torch.randn(64, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = eps.clone()
+    for i, step in enumerate(sched.timesteps):
+        x = sched.step(velocity(x, sched.sigmas[i].double().reshape(1)), step, x).prev_sample
+
+    class Fake:
+        pass
+
+    fake = Fake()
+    fake.sigmas, fake.velocity = sched.sigmas.double(), velocity
+    for sampler in ("dpm2", "euler"):
+        fake.cfg = train.Config(sampler=sampler)
+        out = train.Trainer.sample(fake, eps, None, None).double()
+        if sampler == "dpm2":
+            assert torch.allclose(out, x, atol=1e-5)
+            dpm_err = float((out - (m + a * eps)).abs().max())
+        else:
+            assert float((out - (m + a * eps)).abs().max()) > 1.5 * dpm_err  # second order beats Euler here
+
+
+def _no_grids(t: train.Trainer) -> train.Trainer:
+    t.save_grid = lambda: None
+    return t
+
+
+@pytest.mark.slow
+def test_resumed_run_matches_an_uninterrupted_one_exactly(tmp_path):
+    """LoRA, optimizer (with MARBLE's smoothed weights), step and every RNG are restored."""
+    for combine in ("marble", "weighted-sum"):
+        straight, split = tmp_path / combine / "straight", tmp_path / combine / "split"
+        args = ("--combine", combine, "--checkpoint-every", "2")
+        assert _no_grids(_trainer(straight, *args, "--max-steps", "3")).train() == 0
+        assert _no_grids(_trainer(split, *args, "--max-steps", "2")).train() == 0
+        resumed = _no_grids(_trainer(split, *args, "--max-steps", "3", "--resume"))
+        assert resumed.step == 2
+        assert resumed.train() == 0
+        expected, got = rows_of(straight / "r"), rows_of(split / "r")
+        assert [r["step"] for r in got] == [1, 2, 3]
+        for want, have in zip(expected, got):
+            for key, value in want.items():
+                if not key.endswith("_time"):
+                    assert have[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (combine, want["step"], key)
+
+
+@pytest.mark.slow
+def test_brightness_rises_when_rewarded_and_falls_when_penalised(tmp_path, monkeypatch):
+    """The sign check from SPEC: a short single-reward run moves brightness the right way."""
+
+    class Darkness(rw.Brightness):
+        name = "darkness"
+
+        def score(self, images, prompts):
+            return -super().score(images, prompts)
+
+    monkeypatch.setitem(rw.REWARDS, "darkness", Darkness)
+    moved = {}
+    for name in ("brightness", "darkness"):
+        t = _trainer(
+            tmp_path / name,
+            "--rewards",
+            name,
+            "--group-size",
+            "8",
+            "--train-timesteps",
+            "2",
+            "--lr",
+            "1e-2",
+            "--max-steps",
+            "12",
+            "--checkpoint-every",
+            "100",
+        )
+        t.save_checkpoint = lambda: None  # not needed here
+        assert _no_grids(t).train() == 0
+        values = [r[f"reward/{name}"] for r in rows_of(tmp_path / name / "r")]
+        moved[name] = (sum(values[-3:]) - sum(values[:3])) / 3
+    # batch means of 16 images are noisy at about ±0.001; both move by ~0.015 in 12 steps
+    assert moved["brightness"] > 0.006 and moved["darkness"] > 0.006, moved
+
+
+def test_weighted_sum_logs_equal_weights_and_the_same_cosine_keys(tmp_path):
+    t = _no_grids(_trainer(tmp_path, "--combine", "weighted-sum", "--max-steps", "1"))
+    t.save_checkpoint = lambda: None
+    assert t.marble is None and isinstance(t.optimizer, torch.optim.AdamW)
+    assert t.train() == 0
+    (row,) = rows_of(tmp_path / "r")
+    for name in DEFAULT_REWARDS:
+        assert row[f"weight/{name}"] == pytest.approx(0.25)
+        assert row[f"cosine/{name}"] == pytest.approx(row[f"mean_cosine/{name}"])
