@@ -60,8 +60,12 @@ def plot_runs(
     smooth: int = 10,
     title: str | None = None,
     dpi: int = 80,
+    palette: int = 0,
 ) -> Path:
-    """Draw the figure for ``runs`` (lists of metric rows) and save it to ``out``."""
+    """Draw the figure for ``runs`` (lists of metric rows) and save it to ``out``.
+
+    ``palette``: quantize the PNG to that many colours (a 3–4× smaller file); 0 keeps it as is.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,6 +107,12 @@ def plot_runs(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
+    if palette:
+        from PIL import Image
+
+        with Image.open(out) as img:
+            small = img.convert("RGB").quantize(colors=palette, method=Image.Quantize.MEDIANCUT)
+        small.save(out, optimize=True)
     plt.close(fig)
     return out
 
@@ -115,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smooth", type=int, default=10, help="moving-average window in steps (default: %(default)s)")
     parser.add_argument("--title", help="figure title")
     parser.add_argument("--dpi", type=int, default=80, help="resolution (default: %(default)s)")
+    parser.add_argument("--palette", type=int, default=0, help="quantize to N colours for a small file (0: off)")
     args = parser.parse_args(argv)
     labels = args.labels or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in args.runs]
     if len(labels) != len(args.runs):
@@ -125,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [load_metrics(r) for r in args.runs]
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
-    out = plot_runs(runs, labels, args.out, smooth=args.smooth, title=args.title, dpi=args.dpi)
+    if not 0 <= args.palette <= 256:
+        parser.error("--palette must be in 0..256")
+    out = plot_runs(runs, labels, args.out, smooth=args.smooth, title=args.title, dpi=args.dpi, palette=args.palette)
     print(out)
     return 0
 

@@ -818,10 +818,13 @@ class Trainer:
             if not skipped:
                 self._all_reduce_grads()
         grad_norm = float("nan")
+        if not skipped:
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            # MarbleOptimizer skips non-finite steps itself; the plain weighted sum needs this guard
+            skipped = not math.isfinite(grad_norm)
         if skipped:
-            self.optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without grad
-        elif cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            self.optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a grad
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, Any] = {**sums, "grad_norm": grad_norm, "skipped": skipped}

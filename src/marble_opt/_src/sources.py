@@ -250,11 +250,9 @@ class GramSource(abc.ABC):
         return ws.gram(rows, device)
 
     def _rows(self, shape: tuple[int, int], like: Sequence[Tensor]) -> Tensor:
-        """The K×n buffer for gradients w.r.t. ``like``, kept between steps. float64 on CPU
-        (the Gram then needs no conversion), else float32 or wider."""
-        device = like[0].device
-        dtype = torch.float64 if device.type == "cpu" else _grad_dtype(like)
-        buf = _reuse(self.__dict__.get("_rows_buf"), shape, dtype, device)
+        """The K×n buffer (float32 or wider) for gradients w.r.t. ``like``, kept between
+        steps. Not float64: under ``torch.distributed`` it is all-reduced as it is."""
+        buf = _reuse(self.__dict__.get("_rows_buf"), shape, _grad_dtype(like), like[0].device)
         self._rows_buf = buf
         return buf
 
