@@ -243,6 +243,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         """
         names, tensors = self._check_losses(losses)
         shared_list = self._check_shared(shared)
+        self.source.check_shared(shared_list)  # on cached steps too, so errors do not depend on the step
         if extra is not None:
             extra = self._check_scalar("extra", extra)
         params = self._trainable_params()

@@ -109,18 +109,21 @@ def gram_float64(rows: Tensor, device: torch.device | None = None) -> np.ndarray
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every entry of every tensor is finite (one device sync).
 
-    Fast path: a tensor is finite when its sum is (NaN and ±inf propagate into the sum),
-    one read of each tensor and no boolean temporaries — about 10× cheaper than
-    ``isfinite().all()`` per tensor on CPU. A sum can also overflow on finite values, so a
-    non-finite sum is confirmed entry by entry before answering False.
+    Fast path: a tensor is finite when its norm is (NaN and ±inf propagate into it), and
+    ``torch._foreach_norm`` reads every tensor in one call per device and dtype, with no
+    boolean temporaries: several times cheaper than ``isfinite().all()`` per tensor. A norm
+    can also overflow on finite values, so a non-finite norm is confirmed entry by entry
+    before answering False.
     """
     if not tensors:
         return True
     device = tensors[0].device
-    sums = torch.stack(
-        [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)).to(device, torch.float64) for t in tensors]
-    )
-    if bool(sums.isfinite().all()):
+    norms = torch._foreach_norm(list(tensors))
+    try:
+        stacked = torch.stack(norms)
+    except RuntimeError:  # mixed dtypes or devices
+        stacked = torch.stack([n.to(device, torch.float64) for n in norms])
+    if bool(stacked.isfinite().all()):
         return True
     flags = [t.isfinite().all() for t in tensors]
     return bool(torch.stack([f.to(device) for f in flags]).all())
