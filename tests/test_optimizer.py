@@ -8,6 +8,7 @@ hand-scaled Gram, plain AdamW runs for comparison.
 from __future__ import annotations
 
 import copy
+import math
 import io
 import pickle
 import warnings
@@ -882,3 +883,62 @@ def test_step_argument_errors(setup) -> None:
         opt.step(objectives(model), closure=lambda: None)
     with pytest.raises(ValueError, match=r"shared= is only used by gram='shared'"):
         opt.step(objectives(model), shared=torch.zeros(3, requires_grad=True))
+
+
+# ---- review follow-ups: settable ρ, cached steps with an excluded objective, NaN cosines -----
+
+
+def test_ema_decay_is_settable_and_takes_effect() -> None:
+    model = make_model(21)
+    opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2), ema_decay=0.7)
+    opt.zero_grad()
+    opt.step(objectives(model))
+    opt.ema_decay = 0.0
+    assert opt.ema_decay == 0.0 and "ema_decay=0.0" in repr(opt)
+    opt.zero_grad()
+    report = opt.step(objectives(model))
+    assert report.weights == pytest.approx(report.raw_weights, abs=1e-12)  # no smoothing any more
+    with pytest.raises(ValueError, match="ema_decay must be a float in \\[0, 1\\), got 1.5"):
+        opt.ema_decay = 1.5
+    with pytest.raises(AttributeError):
+        opt.gram = "shared"  # fixed at construction
+
+
+def test_cached_step_renormalises_over_the_objectives_that_remain() -> None:
+    model = make_model(22)
+    opt = MarbleOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1e-2), refresh_every=2, nonfinite="exclude", ema_decay=0.0
+    )
+    opt.zero_grad()
+    opt.step(objectives(model))  # solve step: caches the loss weights
+    cached = dict(zip(opt.names, opt._loss_weights))
+    alpha = opt.weights
+    losses = objectives(model)
+    losses["small"] = losses["small"] * float("nan")
+    opt.zero_grad()
+    report = opt.backward(losses)
+    assert not report.solved and report.excluded == ("small",)
+    kept = alpha["big"] + alpha["mid"]
+    assert report.weights["small"] == 0.0
+    assert sum(report.weights.values()) == pytest.approx(1.0)
+    for k in ("big", "mid"):
+        assert report.loss_weights[k] == pytest.approx(cached[k] / kept)
+    params = params_of(model)
+    clean = objectives(model)
+    want = torch.autograd.grad(
+        sum(report.loss_weights[k] * clean[k] for k in ("big", "mid")), params, allow_unused=True
+    )
+    want = [torch.zeros_like(p) if g is None else g for p, g in zip(params, want)]
+    torch.testing.assert_close(flat_grad(params), torch.cat([g.reshape(-1) for g in want]))
+
+
+def test_an_excluded_objective_has_an_undefined_cosine_not_zero() -> None:
+    model = make_model(23)
+    opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2), ema_decay=0.0)
+    losses = objectives(model)
+    losses["zero"] = 0.0 * losses["mid"]  # on the graph, zero gradient
+    report = opt.backward(losses)
+    assert report.excluded == ("zero",)
+    assert math.isnan(report.update_cosine["zero"]) and math.isnan(report.mean_cosine["zero"])
+    assert report.worst_update_cosine == pytest.approx(min(report.update_cosine[k] for k in ("big", "mid", "small")))
+    assert report.worst_update_cosine > 0

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from marble_opt import MarbleOptimizer
-from marble_opt.rl import group_advantages, nft_losses, optimality_probability
+from marble_opt.rl import group_advantages, nft_losses, optimality_probability, reward_masks
 
 torch.set_num_threads(1)
 NAN = float("nan")
@@ -253,6 +253,33 @@ def test_non_finite_advantages_are_left_out_without_a_mask():
     a[2] = NAN
     masked = nft_losses(v, v_old, x0, x_t, t, {"r0": adv["r0"]}, masks={"r0": torch.arange(5) != 2}).losses["r0"]
     torch.testing.assert_close(nft_losses(v, v_old, x0, x_t, t, {"r0": a}).losses["r0"], masked)
+
+
+def test_chained_helpers_leave_samples_with_nan_rewards_out_of_that_reward():
+    """group_advantages → nft_losses(masks=reward_masks(rewards)): a NaN reward's samples
+    get no gradient from that reward's loss, which averages over its valid samples only
+    (SPEC); the same samples still count for the other rewards."""
+    v, v_old, x0, x_t, t, _ = nft_problem(batch=8)
+    gen = torch.Generator().manual_seed(3)
+    rewards = {"ocr": torch.randn(8, generator=gen, dtype=torch.float64), "bright": torch.randn(8, generator=gen, dtype=torch.float64)}
+    applies = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1], dtype=torch.bool)
+    rewards["ocr"] = torch.where(applies, rewards["ocr"], torch.full_like(rewards["ocr"], NAN))
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    adv = group_advantages(rewards, groups)
+    masks = reward_masks(rewards)
+    assert torch.equal(masks["ocr"], applies) and bool(masks["bright"].all())
+    out = nft_losses(v, v_old, x0, x_t, t, adv, masks=masks)
+    keep = applies.nonzero().squeeze(1)
+    sub = nft_losses(v[keep], v_old[keep], x0[keep], x_t[keep], t[keep], {"ocr": adv["ocr"][keep].double()}).losses["ocr"]
+    torch.testing.assert_close(out.losses["ocr"], sub)
+    g = grad_v(out.losses["ocr"], v)
+    assert torch.equal(g[~applies], torch.zeros_like(g[~applies]))
+    assert bool((grad_v(out.losses["bright"], v)[~applies].abs().sum(dim=(1, 2)) > 0).all())
+    # without the masks the NaN samples would train at r = 1/2: a different loss
+    unmasked = nft_losses(v, v_old, x0, x_t, t, adv).losses["ocr"]
+    assert not torch.allclose(unmasked, out.losses["ocr"])
+    with pytest.raises(ValueError, match="rewards"):
+        reward_masks({})
 
 
 def test_a_reward_with_no_valid_sample_gives_zero_loss_on_the_graph():

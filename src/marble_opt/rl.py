@@ -2,9 +2,19 @@
 
 - ``group_advantages``: one advantage per reward, centred within each prompt group and
   scaled by the reward's standard deviation (over the whole batch by default).
+- ``reward_masks``: which samples each reward applies to (its finite entries).
 - ``nft_losses``: the DiffusionNFT loss of each reward, all sharing one graph through the
   predicted velocity, ready for ``MarbleOptimizer.step(out.losses, shared=v_theta,
   extra=out.kl)``.
+
+Typical use, with rewards that may be NaN where they do not apply::
+
+    adv = group_advantages(rewards, group_ids)
+    out = nft_losses(v_theta, v_old, x0, x_t, t, adv, masks=reward_masks(rewards), v_ref=v_ref)
+    opt.step(out.losses, shared=v_theta, extra=out.kl)
+
+Without ``masks`` a sample whose reward is NaN still enters that reward's loss with
+advantage 0 (r = ½); with them it is left out and the loss is averaged over valid samples.
 
 Because the NFT loss is affine in the optimality probability ``r``, for weights summing to
 one ``Σ_k w_k ∇L_k = ∇L(Σ_k w_k r_k)``: balancing K rewards costs one backward.
@@ -18,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["NFTLosses", "group_advantages", "nft_losses", "optimality_probability"]
+__all__ = ["NFTLosses", "group_advantages", "nft_losses", "optimality_probability", "reward_masks"]
 
 
 def _check_batch(name: str, value: Tensor, batch: int) -> Tensor:
@@ -89,6 +99,23 @@ def group_advantages(
         # centred != 0 implies a positive std, so eps = 0 is safe
         adv = torch.where(centred != 0, centred / (std_i + eps), torch.zeros_like(centred))
         out[name] = adv.to(torch.float32)
+    return out
+
+
+def reward_masks(rewards: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``{name: (B,) bool}``: True where reward ``name`` is finite (applies to the sample).
+
+    Pass it as ``nft_losses(..., masks=reward_masks(rewards))`` so that samples a reward
+    does not apply to are left out of that reward's loss (``group_advantages`` gives them
+    advantage 0, which alone would still train them at r = ½).
+    """
+    if not isinstance(rewards, Mapping) or not rewards:
+        raise ValueError("rewards must be a non-empty dict {name: (B,) tensor}")
+    out = {}
+    for name, reward in rewards.items():
+        if not isinstance(reward, Tensor) or reward.ndim != 1:
+            raise ValueError(f"rewards[{name!r}] must be a 1-D tensor of shape (B,), got {reward!r}")
+        out[name] = torch.isfinite(reward)
     return out
 
 

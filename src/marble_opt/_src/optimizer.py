@@ -58,10 +58,14 @@ class MarbleOptimizer(torch.optim.Optimizer):
         optimizer: an already built torch optimizer (AdamW, SGD, ...).
         ema_decay: ρ in [0, 1). 0.7 is the paper's best value; 0 disables smoothing.
         normalize: ``"l2"`` (ĝ = g/‖g‖), ``"none"``, ``"loss"`` (ĝ = g/L), ``"loss+l2"``.
-        rescale: scale the update to the mean raw gradient norm (see ``combine_weights``).
+        rescale: scale the update to the mean raw gradient norm, ``d = m·Σ_k α_k ĝ_k`` with
+            ``m = mean‖g_k‖ / mean‖ĝ_k‖`` (the authors' choice). With ``False`` the update
+            has the scale of the normalised gradients (unit scale for ``"l2"``), which does
+            not follow a loss scale: do not combine it with ``GradScaler``.
         solver: ``"osqp"`` or any name ``min_norm_weights`` accepts.
-        gram: ``"exact"``, ``"exact-lean"``, ``"shared"`` or ``"params"`` (see
-            ``marble_opt.sources``).
+        gram: ``"exact"``, ``"exact-lean"``, ``"shared"`` or ``"params"``: how the
+            per-objective gradients are measured (``marble_opt.GRAM_SOURCES``; the README's
+            "Gram sources" table).
         gram_params: the parameters ``gram="params"`` measures G on.
         refresh_every: solve the QP on every N-th optimizer step; in between, reuse the
             last loss weights with one ordinary backward.
@@ -130,14 +134,13 @@ class MarbleOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
         self._patch_step_function()
 
-        self.ema_decay = float(ema_decay)
         self.normalize = normalize
         self.rescale = rescale
         self.refresh_every = refresh_every
         self.nonfinite = nonfinite
-        self.gram = gram
+        self._gram_name = gram
         self._solver = MinNormSolver(solver)
-        self._ema = WeightEMA(self.ema_decay)
+        self._ema = WeightEMA(float(ema_decay))
         self._names: tuple[str, ...] | None = None
         self._last_raw: np.ndarray | None = None
         self._loss_weights: np.ndarray | None = None
@@ -185,12 +188,28 @@ class MarbleOptimizer(torch.optim.Optimizer):
         self.__dict__.update(state)
         self._patch_step_function()
 
+    @property
+    def ema_decay(self) -> float:
+        """ρ of the weights' EMA; settable (e.g. by a schedule), in [0, 1)."""
+        return self._ema.decay
+
+    @ema_decay.setter
+    def ema_decay(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"ema_decay must be a float in [0, 1), got {value!r}")
+        self._ema.decay = float(value)
+
+    @property
+    def gram(self) -> str:
+        """The Gram source's name (fixed at construction)."""
+        return self._gram_name
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
 
     def __repr__(self) -> str:
         return (
-            f"MarbleOptimizer(gram={self.gram!r}, normalize={self.normalize!r}, ema_decay={self.ema_decay}, "
+            f"MarbleOptimizer(gram={self._gram_name!r}, normalize={self.normalize!r}, ema_decay={self.ema_decay}, "
             f"solver={self._solver.solver!r}, refresh_every={self.refresh_every}, nonfinite={self.nonfinite!r},\n"
             f"  {self.optimizer!r})"
         )
@@ -247,7 +266,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if extra is not None:
             extra = self._check_scalar("extra", extra)
         params = self._trainable_params()
-        local = [t.detach().float() for t in tensors] + ([extra.detach().float()] if extra is not None else [])
+        local = [t.detach().double() for t in tensors] + ([extra.detach().double()] if extra is not None else [])
         # Under torch.distributed: the mean over ranks, non-finite on every rank if on any.
         values = self._comm.mean_losses(torch.stack(local).cpu().double().numpy(), tensors[0].device)
         values, extra_value = values[: len(names)], (values[len(names)] if extra is not None else 0.0)
@@ -413,13 +432,19 @@ class MarbleOptimizer(torch.optim.Optimizer):
     def _apply_cached(self, names, values, tensors, params, extra) -> BalanceReport:
         w = self._loss_weights
         assert w is not None
+        alpha = self._ema.value.numpy() if self._ema.value is not None else np.zeros(len(names))
         usable = np.isfinite(values) | (w == 0.0)
-        w = np.where(usable, w, 0.0)
+        excluded = tuple(names[k] for k in np.flatnonzero(~usable))
+        if excluded:  # nonfinite="exclude": renormalise α over the objectives that remain
+            kept = float(alpha[usable].sum())
+            if not kept > 0.0:
+                return self._nonfinite(names, values, f"no usable objective on a cached step (excluded {excluded})")
+            w = np.where(usable, w / kept, 0.0)
+            alpha = np.where(usable, alpha / kept, 0.0)
         ok = combined_backward(tensors, w, params, extra, in_place=self._comm.active)
         if not self._comm.all_true(ok, tensors[0].device):
             return self._nonfinite(names, values, "non-finite gradient of the combined loss")
-        alpha = self._ema.value.numpy() if self._ema.value is not None else np.zeros(len(names))
-        return self._report(names, values, weights=alpha, loss_weights=w, status="cached")
+        return self._report(names, values, weights=alpha, loss_weights=w, excluded=excluded, status="cached")
 
     def _solve_and_apply(self, names, values, tensors, params, shared, extra, excluded_bad) -> BalanceReport:
         keep_graph = extra is not None
@@ -511,6 +536,10 @@ class MarbleOptimizer(torch.optim.Optimizer):
                 update_cos = update_cosines(gram, loss_weights, norms)
                 valid = norms > MIN_GRAD_NORM
                 mean_cos = update_cosines(gram, np.where(valid, 1.0 / max(int(valid.sum()), 1), 0.0), norms)
+                # An excluded objective's gradient is zero or not finite: its cosine is undefined.
+                gone = np.isin(np.array(names), np.array(excluded, dtype=object))
+                update_cos = np.where(gone, np.nan, update_cos)
+                mean_cos = np.where(gone, np.nan, mean_cos)
         return BalanceReport(
             names=names,
             weights=named(weights),

@@ -289,7 +289,6 @@ class MinNormSolver:
                 )
         self.solver = solver
         self._workspaces: dict[int, _OsqpWorkspace] = {}
-        self.last: np.ndarray | None = None
 
     def solve(self, gram: Any, warm_start: Any = None, *, validated: bool = False) -> tuple[np.ndarray, str]:
         g = gram if validated else validate_gram(gram)
@@ -306,7 +305,6 @@ class MinNormSolver:
         if warm is not None:
             exact = _active_set(g, warm)
             if exact is not None:
-                self.last = exact
                 return exact, "active-set"
         alpha, status = self._backend(g, warm)
         finished = None if alpha is None else _finish(g, alpha)
@@ -319,7 +317,6 @@ class MinNormSolver:
             finished = _finish(g, alpha)
             if finished is None:
                 finished, status = alpha, "frank-wolfe-inexact"
-        self.last = finished
         return finished, status
 
     def _warm(self, warm_start: Any, k: int) -> np.ndarray | None:

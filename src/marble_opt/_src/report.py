@@ -9,7 +9,7 @@ import numpy as np
 __all__ = ["BalanceReport"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BalanceReport:
     """The outcome of one ``MarbleOptimizer.backward`` call.
 
@@ -27,7 +27,8 @@ class BalanceReport:
         gram: ``G_kl = ⟨∇L_k, ∇L_l⟩`` as measured by the Gram source.
         cosine: ``cos(∇L_k, ∇L_l)``.
         grad_norms: ``‖∇L_k‖``.
-        update_cosine: cosine of the combined update ``d`` with each ``∇L_k``.
+        update_cosine: cosine of the combined update ``d`` with each ``∇L_k`` (NaN for an
+            excluded objective, whose gradient is zero or not finite).
         mean_cosine: cosine of the plain mean of the gradients with each ``∇L_k`` (the
             weighted-sum baseline's diagnostic, from the same Gram at no extra cost).
         excluded: objectives left out of the QP (zero or non-finite gradient).
@@ -57,10 +58,10 @@ class BalanceReport:
 
     @property
     def worst_update_cosine(self) -> float:
-        """The smallest update cosine over objectives (NaN when not measured)."""
-        return min(self.update_cosine.values(), default=float("nan"))
+        """The smallest update cosine over the objectives that took part (NaN when not measured)."""
+        return min((c for c in self.update_cosine.values() if c == c), default=float("nan"))
 
     @property
     def worst_mean_cosine(self) -> float:
-        """The smallest cosine of the plain mean with any objective (NaN when not measured)."""
-        return min(self.mean_cosine.values(), default=float("nan"))
+        """The smallest cosine of the plain mean with an objective that took part (NaN when not measured)."""
+        return min((c for c in self.mean_cosine.values() if c == c), default=float("nan"))

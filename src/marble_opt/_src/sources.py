@@ -50,7 +50,6 @@ __all__ = [
     "SharedSource",
     "all_finite",
     "combined_backward",
-    "gram_float64",
     "make_source",
 ]
 
@@ -63,7 +62,7 @@ _GRAM_BLOCK_BYTES_DEFAULT = 1 << 26
 
 
 class _GramWorkspace:
-    """The float64 conversion block ``gram_float64`` uses, kept between steps by a source.
+    """The float64 conversion block of a source's Gram products, kept between steps.
 
     A fresh multi-MB CPU allocation every step is paid in page faults (measured: a 4 MB
     block allocated per step made the Gram of 8 gradients of 65 k entries 8× slower inside
@@ -98,12 +97,6 @@ class _GramWorkspace:
             out.addmm_(block, block.T)
         g = out.cpu().numpy()
         return 0.5 * (g + g.T)
-
-
-def gram_float64(rows: Tensor, device: torch.device | None = None) -> np.ndarray:
-    """``rows @ rowsᵀ`` (K×K) accumulated in float64, over column blocks of bounded memory
-    (see ``_GramWorkspace.gram``)."""
-    return _GramWorkspace().gram(rows, device)
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
@@ -209,8 +202,6 @@ class GramSource(abc.ABC):
     """Interface between the optimizer and one way of measuring G (see module docstring)."""
 
     name: ClassVar[str]
-    #: Whether ``apply`` runs a backward pass through the model (else it reuses stored grads).
-    needs_combined_backward: ClassVar[bool] = True
     #: The ranks to average over (set by the optimizer; a single process by default).
     comm: Collective = Collective(False)
 
@@ -246,7 +237,7 @@ class GramSource(abc.ABC):
         return state
 
     def _gram(self, rows: Tensor, device: torch.device | None = None) -> np.ndarray:
-        """``gram_float64`` with this source's conversion block kept between steps."""
+        """``rows @ rowsᵀ`` (K×K) in float64, with this source's conversion block kept between steps."""
         ws = self.__dict__.get("_gram_ws")
         if ws is None:
             ws = self._gram_ws = _GramWorkspace()
@@ -300,7 +291,6 @@ class ExactSource(GramSource):
     """
 
     name = "exact"
-    needs_combined_backward = False
 
     def __init__(self) -> None:
         self._buffer: Tensor | None = None  # this step's gradients (None outside a step)
