@@ -86,6 +86,10 @@ class Config:
 FULL = Config(
     d_model=128, ff=512, layers=4, heads=4, batch=16, seq=32, ks=(2, 5, 8), repeats=20, warmup=3, fidelity_steps=12
 )
+#: A model whose backward dominates more (8× the work of FULL per step): d=256, 64 tokens.
+LARGE = Config(
+    d_model=256, ff=1024, layers=4, heads=8, batch=16, seq=64, ks=(2, 5, 8), repeats=10, warmup=2, fidelity_steps=6
+)
 QUICK = Config(d_model=32, ff=64, layers=2, heads=2, batch=4, seq=8, ks=(2, 3), repeats=3, warmup=1, fidelity_steps=4)
 
 
@@ -511,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, K=2,3, few repeats (the test suite's run)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--size", default="small", choices=["small", "large"], help="small: d=128, 32 tokens; large: d=256, 64 tokens"
+    )
     parser.add_argument("--ks", type=int, nargs="+", help="numbers of objectives (default 2 5 8; quick: 2 3)")
     parser.add_argument("--repeats", type=int, help="timed rounds per K")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -532,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
     device = torch.device(args.device)
-    cfg = QUICK if args.quick else FULL
+    cfg = QUICK if args.quick else (LARGE if args.size == "large" else FULL)
     if args.ks:
         cfg = Config(**{**cfg.__dict__, "ks": tuple(args.ks)})
     if args.repeats:
