@@ -8,8 +8,8 @@ hand-scaled Gram, plain AdamW runs for comparison.
 from __future__ import annotations
 
 import copy
-import math
 import io
+import math
 import pickle
 import warnings
 

@@ -22,6 +22,13 @@ __all__ = ["MarbleOptimizer"]
 _NONFINITE_POLICIES = ("skip", "raise", "exclude", "propagate")
 
 
+def _check_ema_decay(value: Any) -> float:
+    """ρ as a float in [0, 1), or ``ValueError`` quoting the bad value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"ema_decay must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
 class _Pending:
     """What the micro-batches since the last optimizer step solved, committed by ``step``."""
 
@@ -106,8 +113,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, MarbleOptimizer):
             raise TypeError("optimizer is already a MarbleOptimizer; wrap the base optimizer once")
-        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be a float in [0, 1), got {ema_decay!r}")
+        ema_decay = _check_ema_decay(ema_decay)
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if not isinstance(rescale, bool):
@@ -140,7 +146,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self._gram_name = gram
         self._solver = MinNormSolver(solver)
-        self._ema = WeightEMA(float(ema_decay))
+        self._ema = WeightEMA(ema_decay)
         self._names: tuple[str, ...] | None = None
         self._last_raw: np.ndarray | None = None
         self._loss_weights: np.ndarray | None = None
@@ -195,9 +201,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
 
     @ema_decay.setter
     def ema_decay(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ValueError(f"ema_decay must be a float in [0, 1), got {value!r}")
-        self._ema.decay = float(value)
+        self._ema.decay = _check_ema_decay(value)
 
     @property
     def gram(self) -> str:
@@ -268,7 +272,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         params = self._trainable_params()
         local = [t.detach().double() for t in tensors] + ([extra.detach().double()] if extra is not None else [])
         # Under torch.distributed: the mean over ranks, non-finite on every rank if on any.
-        values = self._comm.mean_losses(torch.stack(local).cpu().double().numpy(), tensors[0].device)
+        values = self._comm.mean_losses(torch.stack(local).cpu().numpy(), tensors[0].device)
         values, extra_value = values[: len(names)], (values[len(names)] if extra is not None else 0.0)
         bad_loss = ~np.isfinite(values)
         excluded_bad = np.zeros(len(names), dtype=bool)
@@ -536,10 +540,10 @@ class MarbleOptimizer(torch.optim.Optimizer):
                 update_cos = update_cosines(gram, loss_weights, norms)
                 valid = norms > MIN_GRAD_NORM
                 mean_cos = update_cosines(gram, np.where(valid, 1.0 / max(int(valid.sum()), 1), 0.0), norms)
-                # An excluded objective's gradient is zero or not finite: its cosine is undefined.
-                gone = np.isin(np.array(names), np.array(excluded, dtype=object))
-                update_cos = np.where(gone, np.nan, update_cos)
-                mean_cos = np.where(gone, np.nan, mean_cos)
+                # An excluded objective's gradient is zero or not finite (its row of G was
+                # zeroed): its cosine is undefined.
+                update_cos = np.where(valid, update_cos, np.nan)
+                mean_cos = np.where(valid, mean_cos, np.nan)
         return BalanceReport(
             names=names,
             weights=named(weights),
