@@ -222,6 +222,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         state["_solver"] = MinNormSolver(state["_solver"])
+        state.setdefault("_skip_mark", None)
         self.__dict__.update(state)
         self._patch_step_function()
 
