@@ -138,3 +138,15 @@ def assert_untouched(before: Snapshot, params: list[Tensor], opt: MarbleOptimize
     assert_same_tree(opt.state_dict(), before.state, "state_dict")
     assert opt.weights == before.weights
     assert opt.num_steps == before.num_steps
+
+
+def assert_report_tells_the_truth(
+    report: BalanceReport, before: Snapshot, params: list[Tensor], opt: MarbleOptimizer
+) -> None:
+    """``step(losses)`` stepped exactly when its report says it did not skip."""
+    if report.skipped:
+        assert opt.num_steps == before.num_steps, "a skipped report, yet a step was counted"
+        assert all(torch.equal(p, q) for p, q in zip(params, before.params)), "a skipped report, yet parameters moved"
+    else:
+        assert opt.num_steps == before.num_steps + 1, "report says not skipped, but no step was taken"
+        assert any(not torch.equal(p, q) for p, q in zip(params, before.params)), "not skipped, yet nothing moved"

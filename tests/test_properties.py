@@ -13,6 +13,7 @@ from _asserts import (
     assert_grad_is_weighted_sum,
     assert_matches_reference,
     assert_non_conflicting,
+    assert_report_tells_the_truth,
     assert_same_tree,
     assert_untouched,
     snapshot,
@@ -195,3 +196,38 @@ def test_gradient_accumulation(gram: str, normalize: str, refresh_every: int) ->
     committed = rho * prev + (1 - rho) * np.mean(raws, axis=0) if raws else prev
     np.testing.assert_allclose(vec(opt.weights, opt.names), committed, atol=1e-12)
     assert opt.num_steps == 2
+
+
+@pytest.mark.parametrize("refresh_every", REFRESH)
+@pytest.mark.parametrize("policy", ["skip", "exclude", "propagate"])
+@pytest.mark.parametrize("gram", SOURCES)
+def test_a_skip_whose_gradients_were_cleared_does_not_swallow_the_next_step(
+    gram: str, policy: str, refresh_every: int
+) -> None:
+    """A micro-batch, then a skipped one whose step() never comes (GradScaler on an
+    overflow); the loop clears gradients through the model. The next step(losses) is taken,
+    bit for bit as in a run that never saw the skip, and its report says so."""
+    runs = []
+    for stale in (True, False):
+        net = model(11)
+        params = list(net.parameters())
+        opt = optimizer(net, gram, refresh_every=refresh_every, nonfinite=policy, ema_decay=0.5)
+        losses, z = objectives(net, batch(40))
+        opt.step(losses, **shared_kw(gram, z))
+        opt.zero_grad()
+        if stale:
+            losses, z = objectives(net, batch(41))
+            opt.backward(losses, **shared_kw(gram, z))
+            losses, z = objectives(net, batch(42))
+            assert opt.backward(_poison(losses, z, ("a", "b", "c"), "loss"), **shared_kw(gram, z)).skipped
+            net.zero_grad()
+        before = snapshot(params, opt)
+        losses, z = objectives(net, batch(43))
+        report = opt.step(losses, **shared_kw(gram, z))
+        assert not report.skipped
+        assert_report_tells_the_truth(report, before, params, opt)
+        runs.append((params, opt.weights, opt.state_dict()))
+    (p1, w1, s1), (p2, w2, s2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert w1 == w2
+    assert_same_tree(s1, s2)
