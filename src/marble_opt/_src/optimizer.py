@@ -298,8 +298,11 @@ class MarbleOptimizer(torch.optim.Optimizer):
             A ``BalanceReport``. When it says ``skipped``, no gradient was written and the
             next ``step()`` leaves parameters and optimizer state untouched. A skip whose
             ``step()`` never came (``GradScaler`` does not call it on an overflow) is
-            forgotten once the gradients are cleared by any means (``zero_grad()`` of this
-            optimizer or of the model): it never swallows the step of a later accumulation.
+            forgotten once the gradients it saw are cleared or replaced by any means
+            (``zero_grad()`` of this optimizer or of the model, ``p.grad = None``), so it
+            never swallows the step of a later accumulation. (Under ``"skip"`` with no
+            gradient at all yet, clearing leaves nothing to see: call ``zero_grad()`` of
+            this optimizer, or ``step()``, after such a skip.)
         """
         self._forget_stale_skip()
         report = self._backward(losses, shared, extra)
@@ -314,7 +317,12 @@ class MarbleOptimizer(torch.optim.Optimizer):
                 self._pending = _Pending()
                 self._skip_mark = None
 
-    def _backward(self, losses, shared, extra) -> BalanceReport:
+    def _backward(
+        self,
+        losses: Mapping[str, Tensor],
+        shared: Tensor | Sequence[Tensor] | None,
+        extra: Tensor | None,
+    ) -> BalanceReport:
         names, tensors = self._check_losses(losses)
         shared_list = self._check_shared(shared)
         self.source.check_shared(shared_list)  # on cached steps too, so errors do not depend on the step
@@ -594,13 +602,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
             self.source.release()
             self._pending.skip = True
             return self._report(
-                names,
-                values,
-                gram=gram,
-                norms=norms,
-                excluded=excluded,
-                skipped=True,
-                status="skipped",
+                names, values, gram=gram, norms=norms, excluded=excluded, skipped=True, status="skipped",
                 reason="no objective has a finite, non-zero gradient",
             )
         scales = objective_scales(norms, values, valid, self.normalize, names)
@@ -619,15 +621,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
         applied = np.where(valid, smoothed, 0.0)
         applied = applied / applied.sum()
         return self._report(
-            names,
-            values,
-            weights=applied,
-            raw=raw,
-            loss_weights=w,
-            gram=gram,
-            norms=norms,
-            excluded=excluded,
-            status=status,
+            names, values, weights=applied, raw=raw, loss_weights=w, gram=gram, norms=norms,
+            excluded=excluded, status=status,
         )
 
     def _commit(self) -> None:
