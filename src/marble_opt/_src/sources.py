@@ -158,16 +158,24 @@ def combined_backward(
         return True
     if in_place and any(p.grad is not None for p in params):
         torch.autograd.backward(total, inputs=list(params))
+        _require_dense([p.grad for p in params], "the combined loss")
         return all_finite([p.grad for p in params if p.grad is not None])
     if all(p.grad is None for p in params):
         torch.autograd.backward(total, inputs=list(params))
         new = [p.grad for p in params if p.grad is not None]
+        try:
+            _require_dense([p.grad for p in params], "the combined loss")
+        except ValueError:
+            for p in params:
+                p.grad = None
+            raise
         if all_finite(new):
             return True
         for p in params:
             p.grad = None
         return False
     grads = torch.autograd.grad(total, list(params), allow_unused=True)
+    _require_dense(grads, "the combined loss")
     if not all_finite([g for g in grads if g is not None]):
         return False
     _accumulate(params, grads)
@@ -259,6 +267,17 @@ class GramSource(abc.ABC):
 def _require_path(grads: Sequence[Tensor | None], name: str, what: str) -> None:
     if all(g is None for g in grads):
         raise ValueError(f"loss {name!r} has no path to {what}: its gradient there is undefined")
+    _require_dense(grads, f"loss {name!r}")
+
+
+def _require_dense(grads: Sequence[Tensor | None], what: str) -> None:
+    """``ValueError`` naming the first sparse gradient (index into ``grads``, shape, layout)."""
+    for i, g in enumerate(grads):
+        if g is not None and g.layout != torch.strided:
+            raise ValueError(
+                f"{what} gives parameter #{i} (shape {tuple(g.shape)}) a sparse gradient ({g.layout}), e.g. from "
+                "nn.Embedding(sparse=True): MarbleOptimizer needs dense gradients; build that module with sparse=False"
+            )
 
 
 def _grad_dtype(params: Sequence[Tensor]) -> torch.dtype:
@@ -429,8 +448,10 @@ class SharedSource(GramSource):
         for i, z in enumerate(shared):
             if not reached[i]:
                 raise ValueError(
-                    f"shared[{i}] (shape {tuple(z.shape)}) is not on the graph of any loss: pass the tensor "
-                    "the losses were computed from (e.g. the trunk's output), not a copy or a recomputation"
+                    f"shared[{i}] (shape {tuple(z.shape)}) is not on the graph of any loss: it must be the very "
+                    "tensor the losses were computed from (the heads' input), not a copy or a recomputation. Under "
+                    "torch.compile a returned z is a graph output, not the heads' input: compile the trunk and the "
+                    "heads separately, or use gram='params' or 'exact'"
                 )
         if blind:
             raise ValueError(
