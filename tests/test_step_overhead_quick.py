@@ -46,7 +46,11 @@ def _tables(text: str) -> list[dict[str, list[str]]]:
 def report(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("bench") / "step_overhead.md"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=240, cwd=ROOT
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text(encoding="utf-8")

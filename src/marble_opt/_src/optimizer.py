@@ -602,7 +602,13 @@ class MarbleOptimizer(torch.optim.Optimizer):
             self.source.release()
             self._pending.skip = True
             return self._report(
-                names, values, gram=gram, norms=norms, excluded=excluded, skipped=True, status="skipped",
+                names,
+                values,
+                gram=gram,
+                norms=norms,
+                excluded=excluded,
+                skipped=True,
+                status="skipped",
                 reason="no objective has a finite, non-zero gradient",
             )
         scales = objective_scales(norms, values, valid, self.normalize, names)
@@ -621,8 +627,15 @@ class MarbleOptimizer(torch.optim.Optimizer):
         applied = np.where(valid, smoothed, 0.0)
         applied = applied / applied.sum()
         return self._report(
-            names, values, weights=applied, raw=raw, loss_weights=w, gram=gram, norms=norms,
-            excluded=excluded, status=status,
+            names,
+            values,
+            weights=applied,
+            raw=raw,
+            loss_weights=w,
+            gram=gram,
+            norms=norms,
+            excluded=excluded,
+            status=status,
         )
 
     def _commit(self) -> None:
