@@ -98,44 +98,6 @@ class _GramWorkspace:
         g = out.cpu().numpy()
         return 0.5 * (g + g.T)
 
-    def gram_of_grads(self, rows: Sequence[Sequence[Tensor | None]], numels: Sequence[int]) -> np.ndarray:
-        """``G_kl = ⟨g_k, g_l⟩`` (K×K float64) of K gradients given as per-parameter tensors.
-
-        ``rows[k][j]``: the gradient of objective k for parameter j (``numels[j]`` entries; None
-        for zeros), as ``torch.autograd.grad`` returns it. The same float64 column blocks as
-        ``gram`` of the flattened K×N rows (so bit for bit the same G), filled straight from
-        the gradients: no flattened copy of them is ever made.
-        """
-        k, n = len(rows), sum(numels)
-        device = next(g for row in rows for g in row if g is not None).device
-        budget = _GRAM_BLOCK_BYTES.get(device.type, _GRAM_BLOCK_BYTES_DEFAULT)
-        width = min(n, max(1024, budget // (8 * k)))
-        block = self.block = _reuse(self.block, (k, width), torch.float64, device)
-        out = torch.zeros((k, k), dtype=torch.float64, device=device)
-        col = 0
-        for j, nj in enumerate(numels):
-            flat = [None if row[j] is None else row[j].reshape(-1) for row in rows]
-            start = 0
-            while start < nj:
-                take = min(nj - start, width - col)
-                for r, g in enumerate(flat):
-                    if g is None:
-                        block[r, col : col + take].zero_()
-                    elif take == nj:
-                        block[r, col : col + take].copy_(g)
-                    else:
-                        block[r, col : col + take].copy_(g[start : start + take])
-                col += take
-                start += take
-                if col == width:
-                    out.addmm_(block, block.T)
-                    col = 0
-        if col:
-            part = block[:, :col]
-            out.addmm_(part, part.T)
-        g = out.cpu().numpy()
-        return 0.5 * (g + g.T)
-
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every entry of every tensor is finite (one device sync).
@@ -330,123 +292,91 @@ def _reuse(
 
 
 class ExactSource(GramSource):
-    """Full per-objective gradients over all trainable parameters, K sets of them kept.
+    """Full per-objective gradients over all trainable parameters, kept in a K×N buffer.
 
-    Each objective's gradients are kept as ``torch.autograd.grad`` returns them (one tensor
-    per parameter): G is formed from them block by block in float64 and the update
-    ``Σ_k w_k g_k`` is combined from them parameter by parameter, so the K×N gradients are
-    read once for G and once for the update, with no flattened copy (under
-    ``torch.distributed`` they are flattened into one K×N buffer, kept between steps, for a
-    single all-reduce). No further backward pass.
+    The buffer is reused from step to step (it coexists with the retained graph during the
+    K backward passes anyway, so keeping it does not raise the peak); the update is
+    ``wᵀ·buffer``, one pass over it, with no further backward.
     """
 
     name = "exact"
 
     def __init__(self) -> None:
-        self._buffer: list[list[Tensor | None]] | None = None  # this step's gradients, by objective
-        self._storage: Tensor | None = None  # the K×N buffer under torch.distributed, kept between steps
+        self._buffer: Tensor | None = None  # this step's gradients (None outside a step)
+        self._storage: Tensor | None = None  # kept between steps
         self._used: list[bool] = []  # which parameters this step's losses reach
-        self._norms: np.ndarray | None = None  # ‖g_k‖ from this step's G
+        self._norms: np.ndarray | None = None  # ‖g_k‖ (K,) from this step's G
 
     def gram(self, losses, names, params, shared, *, keep_graph):
         self.check_shared(shared)
         numels = [p.numel() for p in params]
+        shape = (len(losses), sum(numels))
+        buf = self._storage = _reuse(self._storage, shape, _grad_dtype(params), params[0].device)
         last = len(losses) - 1
         used = [False] * len(params)  # a parameter no loss reaches keeps p.grad as it is (None)
-        rows: list[list[Tensor | None]] = []
         for k, loss in enumerate(losses):
             grads = _grads_of(loss, params, retain_graph=keep_graph or k < last)
             _require_path(grads, names[k], "any trainable parameter")
-            rows.append(list(grads))
+            _flatten_into(buf[k], grads, numels)
             used = [u or g is not None for u, g in zip(used, grads)]
+            del grads
         self._used = used
-        if self.comm.active:  # autograd.grad bypasses DDP: average across ranks here, in one all-reduce
-            shape = (len(losses), sum(numels))
-            buf = self._storage = _reuse(self._storage, shape, _grad_dtype(params), params[0].device)
-            for k, grads in enumerate(rows):
-                _flatten_into(buf[k], grads, numels)
-            self.comm.mean_(buf)
-            rows = [_segments(buf[k], params) for k in range(len(losses))]
-        self._buffer = rows
-        g = self._gram_workspace().gram_of_grads(rows, numels)
-        self._norms = np.sqrt(np.diag(g))
-        return g
+        self._buffer = self.comm.mean_(buf)  # autograd.grad bypasses DDP: average across ranks here
+        gram = self._gram(buf)
+        self._norms = np.sqrt(np.diag(gram))  # proves apply()'s update finite without reading it
+        return gram
 
     def apply(self, w, losses, params, extra):
-        rows, norms = self._buffer, self._norms
-        assert rows is not None and norms is not None, "apply() before gram()"
-        dtype = _grad_dtype(params)
-        idx = np.flatnonzero(w)  # excluded rows are skipped: 0 · (non-finite row) would poison the sum
-        direction = [_combine([rows[k][j] for k in idx], w[idx], dtype) for j in range(len(params))]
+        buf = self._buffer
+        assert buf is not None, "apply() before gram()"
+        idx = np.flatnonzero(w)
+        if idx.size == len(w):  # one matrix-vector product over the buffer
+            direction = torch.as_tensor(w, dtype=buf.dtype).to(buf.device) @ buf
+        elif idx.size:  # skip excluded rows: 0 · (non-finite row) would poison the sum
+            direction = buf[idx[0]] * float(w[idx[0]])
+            for k in idx[1:]:
+                direction.add_(buf[k], alpha=float(w[k]))
+        else:
+            direction = torch.zeros_like(buf[0])
         self.release()
+        numels = [p.numel() for p in params]
         used = list(self._used)
         if extra is not None:
             extra_grads = _grads_of(extra, params, retain_graph=False)
-            for j, g in enumerate(extra_grads):
-                if g is not None:
-                    direction[j] = g.to(dtype) if direction[j] is None else direction[j].add_(g.to(dtype))
+            _flatten_add(direction, extra_grads, numels)
             used = [u or g is not None for u, g in zip(used, extra_grads)]
-            if self.comm.active:  # extra's gradient is local; the rest is already the mean
-                flat = torch.cat(
-                    [
-                        (d if d is not None else p.new_zeros(p.shape, dtype=dtype)).reshape(-1)
-                        for d, p in zip(direction, params)
-                    ]
-                )
-                direction = _segments(self.comm.mean_(flat), params)
+            self.comm.mean_(direction)  # extra's gradient is local; the rest is already the mean
         # Without ``extra``, G proves the update finite (no pass over it, no device sync): the
-        # combined rows have finite ‖g_k‖ (so finite entries) and |d_i| ≤ Σ_k |w_k| ‖g_k‖.
-        proven = extra is None and _finite_combination(w[idx], norms[idx], dtype)
-        if not proven and not all_finite([d for d in direction if d is not None]):
+        # combined rows have a finite ‖g_k‖, so finite entries, and |d_i| ≤ Σ_k |w_k| ‖g_k‖.
+        norms = self._norms
+        proven = extra is None and norms is not None and _finite_combination(w[idx], norms[idx], buf.dtype)
+        if not proven and not all_finite([direction]):
             return False
         if self.comm.active:  # ranks may differ in which parameters they reach
             used = [True] * len(params)
         # Like loss.backward(): parameters no loss reaches get no gradient (None stays None, so
-        # AdamW applies no weight decay and SGD no momentum to them); a parameter only
-        # zero-weight objectives reach gets a zero gradient.
-        _accumulate(
-            params,
-            [
-                None if not u else (d.view_as(p) if d is not None else torch.zeros_like(p, dtype=dtype))
-                for d, p, u in zip(direction, params, used)
-            ],
-        )
+        # AdamW applies no weight decay and SGD no momentum to them).
+        _accumulate(params, [seg.view_as(p) if u else None for seg, p, u in zip(direction.split(numels), params, used)])
         return True
 
     def release(self):
         self._buffer = None
 
 
-def _segments(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor | None]:
-    """Views of the 1-D ``flat`` (N,) shaped like each parameter."""
-    out: list[Tensor | None] = []
-    start = 0
-    for p in params:
-        out.append(flat[start : start + p.numel()].view(p.shape))
-        start += p.numel()
-    return out
-
-
-def _combine(grads: Sequence[Tensor | None], w: np.ndarray, dtype: torch.dtype) -> Tensor | None:
-    """``Σ_k w_k grads[k]`` in ``dtype`` (None terms are zeros; None if all are), in a new tensor
-    written once per term, with no temporaries (``add_`` with ``alpha``)."""
-    out = None
-    for g, wk in zip(grads, w):
-        if g is None:
-            continue
-        if out is None:
-            out = torch.mul(g.to(dtype), float(wk))
-        else:
-            out.add_(g.to(dtype), alpha=float(wk))
-    return out
-
-
 def _finite_combination(w: np.ndarray, norms: np.ndarray, dtype: torch.dtype) -> bool:
-    """Whether ``Σ_k w_k g_k`` is certainly finite in ``dtype`` given ‖g_k‖: every ‖g_k‖ finite
-    and the bound ``Σ_k |w_k| ‖g_k‖`` on every entry below half the largest finite value (a
-    margin far above the rounding of K additions)."""
-    bound = float(np.abs(w) @ norms) if len(w) else 0.0
-    return bool(np.isfinite(norms).all()) and bound < 0.5 * torch.finfo(dtype).max
+    """Whether ``Σ_k w_k g_k`` is certainly finite in ``dtype``, knowing only ``‖g_k‖`` (float64):
+    every ``‖g_k‖`` finite (so every entry of ``g_k`` is) and the bound ``Σ_k |w_k| ‖g_k‖`` on
+    every entry of the sum below half the largest finite value of ``dtype`` (a margin far
+    above the rounding of K multiply-adds and of ``w_k`` to ``dtype``)."""
+    if not len(w):
+        return True
+    return bool(np.isfinite(norms).all()) and float(np.abs(w) @ norms) < 0.5 * torch.finfo(dtype).max
+
+
+def _flatten_add(flat: Tensor, grads: Sequence[Tensor | None], numels: Sequence[int]) -> None:
+    for seg, g in zip(flat.split(list(numels)), grads):
+        if g is not None:
+            seg.add_(g.reshape(-1).to(seg.dtype))
 
 
 class ExactLeanSource(GramSource):
