@@ -250,12 +250,19 @@ class GramSource(abc.ABC):
         return self._gram_workspace().gram(rows, device)
 
     def _rows(self, shape: tuple[int, int], like: Sequence[Tensor]) -> Tensor:
-        """The K×n buffer for gradients w.r.t. ``like``, kept between steps: float64 on one
-        process (the gradients are converted as they are written, and G is multiplied from
-        it in place, with no conversion block); float32 or wider under ``torch.distributed``,
+        """The K×n buffer for gradients w.r.t. ``like``, kept between steps.
+
+        float64 when it fits in one Gram block on one process (the gradients are converted as
+        they are written and G is one product over the buffer in place: no conversion copy);
+        otherwise float32 or wider, converted block by block (a multi-MB float64 buffer
+        written in full costs more than blocks that stay in cache; measured: ``params`` on a
+        384×384 layer, K=5, 4% slower per step), and always under ``torch.distributed``,
         where it is all-reduced as it is."""
-        dtype = _grad_dtype(like) if self.comm.active else torch.float64
-        buf = _reuse(self.__dict__.get("_rows_buf"), shape, dtype, like[0].device)
+        device = like[0].device
+        budget = _GRAM_BLOCK_BYTES.get(device.type, _GRAM_BLOCK_BYTES_DEFAULT)
+        wide = not self.comm.active and 8 * shape[0] * shape[1] <= budget
+        dtype = torch.float64 if wide else _grad_dtype(like)
+        buf = _reuse(self.__dict__.get("_rows_buf"), shape, dtype, device)
         self._rows_buf = buf
         return buf
 
