@@ -238,31 +238,17 @@ class GramSource(abc.ABC):
                 state[key] = None
         return state
 
-    def _gram_workspace(self) -> _GramWorkspace:
-        """This source's float64 conversion block, kept between steps."""
+    def _gram(self, rows: Tensor, device: torch.device | None = None) -> np.ndarray:
+        """``rows @ rowsᵀ`` (K×K) in float64, with this source's conversion block kept between steps."""
         ws = self.__dict__.get("_gram_ws")
         if ws is None:
             ws = self._gram_ws = _GramWorkspace()
-        return ws
-
-    def _gram(self, rows: Tensor, device: torch.device | None = None) -> np.ndarray:
-        """``rows @ rowsᵀ`` (K×K) in float64, with this source's conversion block kept between steps."""
-        return self._gram_workspace().gram(rows, device)
+        return ws.gram(rows, device)
 
     def _rows(self, shape: tuple[int, int], like: Sequence[Tensor]) -> Tensor:
-        """The K×n buffer for gradients w.r.t. ``like``, kept between steps.
-
-        float64 when it fits in one Gram block on one process (the gradients are converted as
-        they are written and G is one product over the buffer in place: no conversion copy);
-        otherwise float32 or wider, converted block by block (a multi-MB float64 buffer
-        written in full costs more than blocks that stay in cache; measured: ``params`` on a
-        384×384 layer, K=5, 4% slower per step), and always under ``torch.distributed``,
-        where it is all-reduced as it is."""
-        device = like[0].device
-        budget = _GRAM_BLOCK_BYTES.get(device.type, _GRAM_BLOCK_BYTES_DEFAULT)
-        wide = not self.comm.active and 8 * shape[0] * shape[1] <= budget
-        dtype = torch.float64 if wide else _grad_dtype(like)
-        buf = _reuse(self.__dict__.get("_rows_buf"), shape, dtype, device)
+        """The K×n buffer (float32 or wider) for gradients w.r.t. ``like``, kept between
+        steps. Not float64: under ``torch.distributed`` it is all-reduced as it is."""
+        buf = _reuse(self.__dict__.get("_rows_buf"), shape, _grad_dtype(like), like[0].device)
         self._rows_buf = buf
         return buf
 
