@@ -377,7 +377,9 @@ def _closed_form_two(g: np.ndarray) -> np.ndarray:
     """K=2: α₁ = clip(⟨ĝ₂−ĝ₁, ĝ₂⟩ / ‖ĝ₁−ĝ₂‖², 0, 1)."""
     denom = g[0, 0] - 2.0 * g[0, 1] + g[1, 1]
     if denom <= 1e-300:
-        a1 = 0.5
+        # ‖g₁ − g₂‖² is 0 up to rounding (it may even round negative): the objective is
+        # linear along the segment, so the end with the smaller ‖g_k‖² (either if equal).
+        a1 = 1.0 if g[0, 0] < g[1, 1] else 0.0 if g[0, 0] > g[1, 1] else 0.5
     else:
         a1 = min(max((g[1, 1] - g[0, 1]) / denom, 0.0), 1.0)
     return np.array([a1, 1.0 - a1])
@@ -497,10 +499,10 @@ class MinNormSolver:
         k = g.shape[0]
         if k == 1:
             return np.ones(1), "closed-form"
-        scale = float(np.trace(g)) / k
+        with np.errstate(over="ignore"):
+            scale = float(np.trace(g)) / k
         if not 1e-300 < scale < 1e300:  # the trace overflows (or underflows): rescale first
-            with np.errstate(over="ignore"):
-                big = float(np.abs(g).max())
+            big = float(np.abs(g).max())
             if big > 0.0:
                 g = g / big
                 scale = float(np.trace(g)) / k
