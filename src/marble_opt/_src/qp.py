@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.linalg.lapack import dgelss as _dgelss
 from scipy.linalg.lapack import dgesv as _dgesv
 from scipy.linalg.lapack import dpotrf as _dpotrf
 
@@ -230,29 +229,41 @@ def _rank_revealing_step(
 
 
 def _affine_step(
-    g: np.ndarray, alpha: np.ndarray, support: np.ndarray, tol: float
+    g: np.ndarray, alpha: np.ndarray, support: np.ndarray, tol: float, short: float, exact: bool = False
 ) -> tuple[np.ndarray | None, np.ndarray | None, bool]:
     """``(β, None, slow)``: the support's affine minimiser; ``(None, ray, True)``: a descent
-    direction of rounding-level curvature (see ``_rank_revealing_step``). The LU answer is
-    kept when it is accurate (equal gradients on the support up to rounding) and, for a long
-    step, when the curvature along it is above its rounding; else the rank-revealing step
-    (``slow``: an eigen-decomposition of the support's reduced Hessian)."""
-    beta, mu, ok = _affine_minimizer(g, support)
-    if ok:
-        grad_s = g[support] @ beta
-        if float(grad_s.max() - grad_s.min()) <= max(1e-2 * tol, _rounding(g, support, beta)):
-            d = (beta - alpha)[support]
-            # The step to β lowers the objective if the curvature dᵀGd along it is positive;
-            # that is certain where it exceeds its rounding, ε·n·(Σ|d_k|√G_kk)², and
-            # immaterial where that rounding is below the tolerance (a short step).
-            root = np.sqrt(np.maximum(np.diag(g)[support], 0.0))
-            noise = 64.0 * d.size * _EPS * float(np.abs(d) @ root) ** 2
-            if noise <= 1e-2 * tol:
+    direction of rounding-level curvature (see ``_rank_revealing_step``).
+
+    The LU answer is kept when it is accurate (equal gradients on the support up to
+    rounding; for a β > 0 that ends the minor cycle, the caller checks this on α = β) and, for
+    a long step, when the curvature along it is above its rounding; else, or with ``exact``,
+    the rank-revealing step (``slow``: an eigen-decomposition of the reduced Hessian).
+    ``short``: steps with ``‖β − α‖₁² ≤ short`` are short enough for any rounding of the
+    curvature (‖β − α‖₁ ≤ 2 when both are on the simplex).
+    """
+    if not exact:
+        beta, mu, ok = _affine_minimizer(g, support)
+        if ok:
+            if short >= 4.0 and beta[support].min() > 0.0:
                 return beta, None, False
-            a = alpha[support]
-            curvature = float(a @ (g[np.ix_(support, support)] @ a)) + mu  # G_S β = −μ1: dᵀGd = αᵀGα + μ
-            if curvature > noise:
-                return beta, None, False
+            grad_s = (g @ beta)[support]
+            spread = float(grad_s.max() - grad_s.min())
+            if spread <= 1e-2 * tol or spread <= _rounding(g, support, beta):
+                # The step to β lowers the objective if the curvature dᵀGd along it is
+                # positive: certain where it exceeds its rounding, ε·n·(Σ|d_k|√G_kk)², and
+                # immaterial where that rounding is below the tolerance (a short step).
+                d = beta - alpha  # 0 off the support
+                l1 = float(np.abs(d).sum())
+                if l1 * l1 <= short:
+                    return beta, None, False
+                root = np.sqrt(np.maximum(np.diag(g)[support], 0.0))
+                noise = 64.0 * int(support.sum()) * _EPS * float(np.abs(d[support]) @ root) ** 2
+                if noise <= 1e-1 * tol:
+                    return beta, None, False
+                a = alpha[support]
+                curvature = float(a @ (g[np.ix_(support, support)] @ a)) + mu  # G_S β = −μ1: dᵀGd = αᵀGα + μ
+                if curvature > noise:
+                    return beta, None, False
     return (*_rank_revealing_step(g, alpha, support, tol), True)
 
 
@@ -299,19 +310,23 @@ def _active_set(
 ) -> np.ndarray | None:
     """Wolfe's min-norm-point method in Gram coordinates, started from a feasible ``alpha``.
 
-    Exact and finite: each major step adds the most violating objective to the support,
-    each minor step moves to the support's affine minimiser (or along a ray of
-    rounding-level curvature) until the boundary and drops an objective. Returns None if it
-    does not reach the KKT tolerance (numerical trouble) or needs more than ``max_slow``
-    rank-revealing steps (a large, affinely dependent start: the caller restarts smaller).
+    ``g``: scaled to trace(G)/K = 1 (``tol`` is in those units). Exact and finite: each major
+    step adds the most violating objective to the support, each minor step moves to the
+    support's affine minimiser (or along a ray of rounding-level curvature) until the
+    boundary and drops an objective. Returns None if it does not reach the KKT tolerance
+    (numerical trouble) or needs more than ``max_slow`` rank-revealing steps (a large,
+    affinely dependent start: the caller restarts smaller).
     """
     k = g.shape[0]
     alpha = _to_simplex(alpha)
     support = alpha > 0.0
-    merged = False
+    merged = exact = False
+    # ‖d‖₁² below this: the rounding of the curvature along d, ≤ 64·K·ε·max G_kk·‖d‖₁² with
+    # max G_kk ≤ trace = K, is below 0.1·tol.
+    short = 0.1 * tol / (64.0 * k * k * _EPS)
     for _ in range(max_iter or 4 * k + 10):
         for _minor in range(k + 1):
-            beta, ray, slow = _affine_step(g, alpha, support, tol)
+            beta, ray, slow = _affine_step(g, alpha, support, tol, short, exact)
             if slow and max_slow is not None:
                 max_slow -= 1
                 if max_slow < 0:
@@ -347,8 +362,15 @@ def _active_set(
         else:  # every minor step drops an objective: more than K of them is numerical trouble
             return None
         grad = g @ alpha
+        value = float(alpha @ grad)
+        if float(grad[support].max()) > value + tol:  # unequal on the support: an inaccurate LU answer
+            if exact:
+                return None
+            exact = True  # solve this support again, rank-revealing
+            continue
+        exact = False
         j = int(np.argmin(grad))
-        if grad[j] >= float(alpha @ grad) - tol:
+        if grad[j] >= value - tol:
             return alpha
         if support[j]:
             return None
@@ -499,8 +521,7 @@ class MinNormSolver:
         k = g.shape[0]
         if k == 1:
             return np.ones(1), "closed-form"
-        with np.errstate(over="ignore"):
-            scale = float(np.trace(g)) / k
+        scale = sum(np.diagonal(g).tolist()) / k  # Python floats: an overflow is inf, without a warning
         if not 1e-300 < scale < 1e300:  # the trace overflows (or underflows): rescale first
             big = float(np.abs(g).max())
             if big > 0.0:
@@ -570,9 +591,7 @@ class MinNormSolver:
         k = g.shape[0]
         p = g + 1e-12 * np.eye(k) if name in _NEEDS_PD else g
         try:
-            x = qpsolvers.solve_qp(
-                p, np.zeros(k), A=np.ones((1, k)), b=np.ones(1), lb=np.zeros(k), solver=name
-            )
+            x = qpsolvers.solve_qp(p, np.zeros(k), A=np.ones((1, k)), b=np.ones(1), lb=np.zeros(k), solver=name)
         except Exception:  # a backend failure is handled by the fallback chain
             return None
         return None if x is None or not np.isfinite(x).all() else np.asarray(x, dtype=np.float64)
