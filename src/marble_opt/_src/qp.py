@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import dgelss as _dgelss
 from scipy.linalg.lapack import dgesv as _dgesv
 from scipy.linalg.lapack import dpotrf as _dpotrf
 
@@ -150,8 +151,8 @@ def _affine_minimizer(g: np.ndarray, support: np.ndarray) -> tuple[np.ndarray, f
     """Minimiser of ½βᵀGβ over the affine hull {β: Σβ = 1, β = 0 off ``support``}.
 
     Returns ``(β (K,), μ, ok)`` from the bordered KKT system ``G_S β + μ1 = 0, Σβ = 1``
-    solved by LU; ``ok`` is False where LAPACK reports a singular system or the answer does
-    not sum to 1 (the caller then takes the rank-revealing step).
+    solved by LU, or by least squares where LU fails; ``ok`` is False where both fail (the
+    caller then takes the rank-revealing step).
     """
     k = g.shape[0]
     full = bool(support.all())
@@ -168,6 +169,13 @@ def _affine_minimizer(g: np.ndarray, support: np.ndarray) -> tuple[np.ndarray, f
     # Python-side checks (this solve is most of a warm-started call). info > 0: singular.
     sol, info = _dgesv(kkt, rhs)[2:]
     ok = info == 0 and abs(float(sol[:n].sum()) - 1.0) <= 1e-9  # also catches NaN
+    if not ok:
+        # Least squares by SVD, with np.linalg.lstsq's default cutoff (eps · size), again
+        # without its Python-side overhead: right where the support is exactly affinely
+        # dependent (duplicated, opposite or zero gradients); its accuracy is checked.
+        m = n + 1
+        sol, info = _dgelss(kkt, rhs, cond=_EPS * m, lwork=5 * m + 64)[1::4]
+        ok = info == 0 and abs(float(sol[:n].sum()) - 1.0) <= 1e-9
     if full:
         return sol[:n], float(sol[n]), ok
     beta = np.zeros(k)
@@ -321,9 +329,9 @@ def _active_set(
     alpha = _to_simplex(alpha)
     support = alpha > 0.0
     merged = exact = False
-    # ‖d‖₁² below this: the rounding of the curvature along d, ≤ 64·K·ε·max G_kk·‖d‖₁² with
-    # max G_kk ≤ trace = K, is below 0.1·tol.
-    short = 0.1 * tol / (64.0 * k * k * _EPS)
+    # ‖d‖₁² below this: the rounding of the curvature along d, ≈ K·ε·max G_kk·‖d‖₁² (with a
+    # margin of 8; max G_kk ≤ trace = K), is below 0.1·tol.
+    short = 0.1 * tol / (8.0 * k * k * _EPS)
     for _ in range(max_iter or 4 * k + 10):
         for _minor in range(k + 1):
             beta, ray, slow = _affine_step(g, alpha, support, tol, short, exact)
