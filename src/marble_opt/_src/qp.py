@@ -507,7 +507,9 @@ class MinNormSolver:
     ``solve(gram, warm_start)`` returns ``(alpha, status)``: float64 weights (K,) on the
     simplex and a short status naming the path that produced them (``"closed-form"``,
     ``"active-set"`` when the warm start's support was already optimal, ``"osqp"`` or
-    another backend name, ``"daqp-fallback"``, ``"frank-wolfe-fallback"``).
+    another backend name, ``"daqp-fallback"``, ``"frank-wolfe-fallback"``; and, should every
+    exact finish fail, ``"frank-wolfe-inexact"`` together with a ``RuntimeWarning`` giving its
+    KKT residual: a point outside the bound is never returned silently).
     """
 
     def __init__(self, solver: str = "osqp") -> None:
@@ -624,7 +626,12 @@ def min_norm_weights(gram: Any, *, solver: str = "osqp", warm_start: Any = None)
         ``½αᵀGα − min ≤ 1e-10 · trace(G)/K``.
 
     Raises:
-        ValueError: non-square, empty, non-finite or asymmetric ``gram``; unknown solver.
+        ValueError: non-square, empty, non-finite, asymmetric or clearly indefinite ``gram``
+            (see ``validate_gram``), a tensor on the meta device; unknown solver.
+
+    Warns:
+        RuntimeWarning: if every exact finish failed and a Frank–Wolfe point outside the
+            bound is returned (not seen on any test problem).
     """
     g = validate_gram(gram)
     inst = _DEFAULT_SOLVERS.get(solver)
