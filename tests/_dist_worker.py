@@ -1,8 +1,9 @@
 """One small multi-objective training recipe, run on 2 gloo ranks or on one process.
 
-``tests/test_distributed.py`` starts ``python tests/_dist_worker.py RANK WORLD PORT OUTDIR`` twice
+``tests/test_distributed.py`` starts ``python tests/_dist_worker.py RANK WORLD PORT OUTDIR [names]`` twice
 (ranks 0 and 1 on 127.0.0.1); each rank runs every scenario of ``SCENARIOS`` on its half of each
-global batch and saves what it saw to ``OUTDIR/rank{RANK}.pt``. The test runs ``train(name)``
+global batch (with ``names``: only ``name_checks``, ranks passing different loss keys) and saves
+what it saw to ``OUTDIR/rank{RANK}.pt``. The test runs ``train(name)``
 in its own process on the whole batch (the reference) and compares.
 
 A scenario's ``nan_loss`` / ``nan_grad`` = (step, micro-batch) makes one loss non-finite /
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from contextlib import nullcontext
 from datetime import timedelta
@@ -27,12 +29,16 @@ from marble_opt import MarbleOptimizer
 B_LOCAL = 4  # samples per rank and micro-batch
 WORLD = 2
 NAN = float("nan")
+PG_TIMEOUT_S = 30  # process-group timeout: a hang fails fast
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "exact": dict(gram="exact", steps=3),
     "exact-nan-loss": dict(gram="exact", steps=3, nan_loss=(1, 0)),
     "exact-nan-grad": dict(gram="exact", steps=3, nan_grad=(1, 0)),
     "exact-ddp-extra": dict(gram="exact", ddp=True, steps=4, extra=True),
+    # rank 1 builds its loss dict in another order (a dict from a set): same result as one process
+    "exact-reordered": dict(gram="exact", steps=3, reorder=True),
+    "shared-ddp-reordered": dict(gram="shared", ddp=True, steps=3, reorder=True),
     "exact-ddp-accum": dict(gram="exact", ddp=True, steps=3, micro=2),
     # solve steps bypass DDP's reducer, cached steps (an ordinary backward) go through it
     "exact-ddp-refresh": dict(gram="exact", ddp=True, steps=4, refresh_every=2),
@@ -145,6 +151,8 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
             with ctx:
                 h, pred = model(x, nan_grad=inject and cfg.get("nan_grad") == (step, micro))
                 losses = losses_of(pred, y)
+                if distributed and rank == 1 and cfg.get("reorder"):
+                    losses = dict(reversed(losses.items()))
                 if inject and cfg.get("nan_loss") == (step, micro):
                     losses["b"] = losses["b"] * NAN
                 extra = 0.05 * (pred**2).mean() if cfg.get("extra") else None
@@ -192,7 +200,43 @@ def fsdp_refusal() -> str:
     return "accepted"
 
 
-def main(rank: int, world: int, port: int, outdir: str) -> None:
+#: Loss keys per rank and call for ``name_checks``: (rank 0's keys, rank 1's keys) per call.
+NAME_CASES: dict[str, list[tuple[str, str]]] = {
+    "renamed": [("abc", "abd")],  # same count, one name differs: used to be averaged by position
+    "fewer": [("abc", "ab")],  # one key fewer: used to hang in the loss all-reduce
+    "later": [("abc", "abc"), ("abc", "abcd")],  # a new key after the first step: used to hang rank 0
+    "after": [("abc", "cba"), ("abc", "bca")],  # then the group still works (and any order is fine)
+}
+
+
+def name_checks(rank: int) -> dict[str, list[tuple[str, str, float]]]:
+    """Each case of ``NAME_CASES`` with a fresh optimizer: per call ("ok" | exception type,
+    message, seconds); last, ("names", the optimizer's names joined by commas, 0)."""
+    x, y = global_batch(0, 0)
+    x, y = x[rank * B_LOCAL : (rank + 1) * B_LOCAL], y[rank * B_LOCAL : (rank + 1) * B_LOCAL]
+    out: dict[str, list[tuple[str, str, float]]] = {}
+    for case, calls in NAME_CASES.items():
+        torch.manual_seed(0)
+        net = Net()
+        opt = MarbleOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), gram="exact")
+        out[case] = []
+        for keys in calls:
+            _, pred = net(x)
+            full = losses_of(pred, y)
+            full["d"] = (pred**2).mean()
+            losses = {k: full[k] for k in keys[rank]}
+            start = time.monotonic()
+            try:
+                opt.step(losses)
+                out[case].append(("ok", "", time.monotonic() - start))
+            except ValueError as exc:
+                out[case].append((type(exc).__name__, str(exc), time.monotonic() - start))
+            opt.zero_grad()
+        out[case].append(("names", ",".join(opt.names), 0.0))
+    return out
+
+
+def main(rank: int, world: int, port: int, outdir: str, mode: str = "scenarios") -> None:
     torch.set_num_threads(1)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -201,7 +245,13 @@ def main(rank: int, world: int, port: int, outdir: str) -> None:
     import torch.distributed as dist
     from accelerate import Accelerator
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    # A short timeout: a collective that hangs fails the run in seconds, not 30 minutes.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=PG_TIMEOUT_S))
+    if mode == "names":
+        torch.save(name_checks(rank), os.path.join(outdir, f"rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)  # joins the existing group
     assert accelerator.num_processes == world and accelerator.process_index == rank
     results: dict[str, Any] = {name: train(name, rank, world, accelerator) for name in SCENARIOS}
@@ -213,7 +263,7 @@ def main(rank: int, world: int, port: int, outdir: str) -> None:
 
 if __name__ == "__main__":
     try:
-        main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+        main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], *sys.argv[5:6])
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()

@@ -10,6 +10,7 @@ value on one rank makes both ranks skip the same step.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _dist_worker import B_LOCAL, SCENARIOS, WORLD, train
+from _dist_worker import B_LOCAL, NAME_CASES, PG_TIMEOUT_S, SCENARIOS, WORLD, train
 
 from marble_opt import MarbleOptimizer
 from marble_opt._src.distributed import Collective
@@ -40,12 +41,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(outdir: Path) -> tuple[list[int], str]:
+def _launch(outdir: Path, *mode: str) -> tuple[list[int], str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), str(WORLD), str(port), str(outdir)],
+            [sys.executable, str(WORKER), str(rank), str(WORLD), str(port), str(outdir), *mode],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -67,16 +68,26 @@ def _launch(outdir: Path) -> tuple[list[int], str]:
     return [p.returncode for p in procs], "\n".join(f"--- rank {r} ---\n{log}" for r, log in enumerate(logs))
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def _run_workers(tmp_path_factory: pytest.TempPathFactory, *mode: str) -> list[dict[str, Any]]:
     for attempt in range(2):  # a second try only if the probed port was taken meanwhile
         outdir = tmp_path_factory.mktemp("dist")
-        codes, log = _launch(outdir)
+        codes, log = _launch(outdir, *mode)
         if codes == [0] * WORLD:
             return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
         if "Address already in use" not in log or attempt:
             pytest.fail(f"distributed workers failed (exit codes {codes}):\n{log[-8000:]}")
     raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _run_workers(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def name_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """``_dist_worker.name_checks`` on both ranks (process-group timeout 30 s: a hang fails)."""
+    return _run_workers(tmp_path_factory, "names")
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +195,47 @@ def test_fsdp_sharded_parameters_are_refused_with_the_reason(ranks):
         assert "not supported" in res["fsdp"] and "DTensor" in res["fsdp"], res["fsdp"]
 
 
+def test_reordered_loss_dict_on_one_rank_is_matched_by_name(ranks, references):
+    """Issue 11, item 1: rank 1 passes its losses in another dict order. The ranks agree on
+    rank 0's order before averaging, so the result is one process's (checked above for every
+    scenario); here: the names and weights are rank 0's, and the run did train."""
+    for name in ("exact-reordered", "shared-ddp-reordered"):
+        for res in ranks:
+            assert list(res[name]["weights"]) == ["a", "b", "c"], (name, res[name]["weights"])
+        got, ref = ranks[1][name]["params"][-1], references[name]["params"][-1]
+        assert (got - ref).abs().max() <= 1e-5
+        assert (got - ranks[1][name]["params"][0]).abs().max() > 1e-2
+
+
+def test_different_loss_keys_raise_on_every_rank_at_once(name_ranks):
+    """Issue 11, item 2: ranks passing different keys get a ValueError naming the keys and the
+    ranks, on every rank and at once (the process group's timeout is 30 s; the old code hung
+    in the loss all-reduce, or averaged different objectives by position)."""
+    expected = {
+        "renamed": ["'c' is missing on rank(s) [1]", "'d' is missing on rank(s) [0]"],
+        "fewer": ["'c' is missing on rank(s) [1]"],
+    }
+    for rank, res in enumerate(name_ranks):
+        for case, parts in expected.items():
+            (kind, message, seconds), (_, names, _) = res[case]
+            assert kind == "ValueError", (rank, case, kind, message)
+            assert "the loss names differ across ranks" in message
+            for part in parts:
+                assert part in message, (rank, case, message)
+            assert "rank 0 passed ['a', 'b', 'c']" in message, message
+            assert seconds < PG_TIMEOUT_S / 2, (rank, case, seconds)
+            assert names == ""  # nothing was fixed
+        # a new key on rank 1 after the first step: both ranks raise (rank 0 used to hang)
+        (first, _, _), (kind, message, _), (_, names, _) = res["later"]
+        assert first == "ok" and kind == "ValueError", res["later"]
+        assert "'d' is missing on rank(s) [0]" in message
+        assert names == "a,b,c"
+        # the group is still usable, and another order on rank 1 is not an error
+        assert [c[0] for c in res["after"]] == ["ok", "ok", "names"]
+        assert res["after"][-1][1] == "a,b,c"
+    assert len(NAME_CASES) == 4
+
+
 def _expected_traffic(name: str, numel: int) -> dict[str, int]:
     cfg = SCENARIOS[name]
     micro = cfg.get("micro", 1)
@@ -194,7 +246,7 @@ def _expected_traffic(name: str, numel: int) -> dict[str, int]:
         "params": K * (8 * 3 + 3) * F32,  # K × |gram_params| (the output layer)
         "shared": 0,
     }[cfg["gram"]]
-    out = {"losses": losses, "broadcast": (K * K + K) * F64, "flag": 4}
+    out = {"names": 3 * 8, "losses": losses, "broadcast": (K * K + K) * F64, "flag": 4}
     if cfg["gram"] == "shared":
         out["gram"] = K * K * F64
     else:
@@ -211,9 +263,15 @@ def test_communication_bytes_per_step(name, ranks):
         got = res[name]
         assert got["numel"] == 67
         expected = _expected_traffic(name, got["numel"])
+        # The first backward also gathers the pickled names once (agreement on their order).
+        first = got["traffic"][0]
+        assert first["names"] - expected["names"] == len(pickle.dumps(("a", "b", "c"))), first
         for step, traffic in enumerate(got["traffic"]):
+            if step == 0:
+                traffic = dict(traffic, names=expected["names"])
             if SCENARIOS[name].get("refresh_every", 1) > 1 and step % SCENARIOS[name]["refresh_every"]:
-                assert traffic == {"losses": expected["losses"], "flag": 4}, (name, step)  # cached weights
+                cached = {"names": expected["names"], "losses": expected["losses"], "flag": 4}
+                assert traffic == cached, (name, step)  # cached weights
             else:
                 assert traffic == expected, (name, step, traffic, expected)
 
@@ -247,6 +305,8 @@ def test_single_process_sends_nothing_and_returns_inputs():
     assert comm.gram_of_mean(g, torch.device("cpu")) is g
     assert comm.same_everywhere(g, values, device=torch.device("cpu"))[0] is g
     assert comm.all_true(False, torch.device("cpu")) is False
+    names = ("b", "a")
+    assert comm.agree_names(names) is names
     assert not comm.traffic
 
 

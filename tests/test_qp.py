@@ -397,3 +397,184 @@ def test_unknown_solver_is_named() -> None:
 def test_bad_warm_start(warm: np.ndarray) -> None:
     with pytest.raises(ValueError, match=r"warm_start must be a finite vector of shape \(3,\)"):
         min_norm_weights(np.eye(3), warm_start=warm)
+
+
+# ---- issue 11, item 9: near-degenerate supports ---------------------------------------------
+def _near_duplicate_clusters(k: int, seed: int, spread: float, n_clusters: int = 2, dim: int = 32) -> np.ndarray:
+    """The issue's case: ``n_clusters`` base gradients, each objective one of them plus noise of size ``spread``."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n_clusters, dim))
+    return _gram_of(base[rng.integers(0, n_clusters, size=k)] + spread * rng.normal(size=(k, dim)))
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("spread", [1e-9, 3e-8, 1e-6, 1e-4])
+@pytest.mark.parametrize("k", [16, 128])
+def test_near_duplicate_clusters_meet_the_documented_bound(k: int, spread: float) -> None:
+    """Two clusters of near-duplicate gradients: the exact finish used to fail on every path
+    and return a Frank–Wolfe point 1e-8·trace/K off (K=16), silently. Now the KKT conditions
+    hold to 1e-9·trace/K on every seed, through the exact path (no fallback, no warning)."""
+    seeds = range(12) if k == 16 else range(3)
+    for seed in seeds:
+        g = _near_duplicate_clusters(k, seed, spread)
+        p = Problem(g, None, f"clusters K={k}")
+        alpha, status = MinNormSolver().solve(g)
+        _STATS["status"][f"clusters:{status}"] += 1
+        assert status == "osqp", (seed, status)
+        assert_optimal(p, alpha, f"clusters K={k}")
+        assert_optimal(p, min_norm_weights(g), f"clusters K={k}")
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@_MORE
+@given(kind=st.sampled_from(GRAM_KINDS), k=st.integers(1, 10), seed=st.integers(0, 2**32 - 1), dim=st.integers(1, 40))
+@example(kind="near-duplicates", k=10, seed=2, dim=32)
+def test_hard_kinds_match_the_reference(kind: str, k: int, seed: int, dim: int) -> None:
+    """Every kind of ``hard_gram`` (near-duplicates included), K ≤ 10: objective within
+    1e-9·trace/K of the support-enumeration optimum, cold and warm-started."""
+    _count("test_hard_kinds_match_the_reference")
+    g = hard_gram(kind, k, np.random.default_rng(seed), dim=dim)
+    p = Problem(g, None, kind)
+    ref = reference_min_norm_weights(g)
+    for alpha in (min_norm_weights(g), MinNormSolver().solve(g, np.full(k, 1.0 / k))[0]):
+        assert_on_simplex(alpha, k)
+        gap = objective_gap(p, alpha, ref)
+        _record("worst_gap", f"hard:{kind}", gap)
+        assert gap <= TOL, f"{kind}: objective {gap:.3g}·trace/K above the optimum"
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@settings(max_examples=max(10, settings.default.max_examples // 2), deadline=None)
+@given(kind=st.sampled_from(GRAM_KINDS), k=st.integers(11, 128), seed=st.integers(0, 2**32 - 1))
+def test_hard_kinds_are_kkt_optimal_beyond_enumeration(kind: str, k: int, seed: int) -> None:
+    """K up to 128, where enumeration is out of reach: the KKT conditions to 1e-9·trace/K."""
+    _count("test_hard_kinds_are_kkt_optimal_beyond_enumeration")
+    g = hard_gram(kind, k, np.random.default_rng(seed))
+    alpha, status = MinNormSolver().solve(g)
+    _STATS["status"][f"hard-large:{status}"] += 1
+    assert "inexact" not in status
+    assert_optimal(Problem(g, None, kind), alpha, f"hard-large:{kind}")
+
+
+def test_an_inexact_answer_is_never_silent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If every exact finish fails (simulated), the Frank–Wolfe point comes back with its
+    status and a RuntimeWarning giving its KKT residual, not silently."""
+    import marble_opt._src.qp as qp_module
+
+    monkeypatch.setattr(qp_module, "_active_set", lambda *args, **kwargs: None)
+    g = hard_gram("well-conditioned", 6, np.random.default_rng(0))
+    with pytest.warns(RuntimeWarning, match=r"K=6.*Frank–Wolfe point.*KKT residual.*frank-wolfe-inexact"):
+        alpha, status = MinNormSolver().solve(g)
+    assert status == "frank-wolfe-inexact"
+    assert_on_simplex(alpha, 6)
+    with pytest.warns(RuntimeWarning, match="frank-wolfe-inexact"):
+        min_norm_weights(g, solver="daqp")
+
+
+# ---- issue 11, item 10: edge inputs ----------------------------------------------------------
+@pytest.mark.parametrize("entry", ["function", "solver"])
+def test_trace_overflowing_float64_is_rescaled(entry: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """Finite entries whose trace overflows float64 (it used to end in an internal "argmax
+    of an empty sequence" after OSQP printed an error): the answer of G / max|G|."""
+    rng = np.random.default_rng(5)
+    for kind in ("well-conditioned", "rank-deficient", "near-duplicates"):
+        base = hard_gram(kind, 6, rng)
+        g = base / np.abs(base).max() * 1.5e308
+        with np.errstate(over="ignore"):
+            assert np.isfinite(g).all() and not np.isfinite(np.trace(g))
+        alpha = min_norm_weights(g) if entry == "function" else MinNormSolver().solve(g)[0]
+        p = Problem(g / 1.5e308, None, "overflow")
+        assert_optimal(p, alpha, "overflow")
+        assert objective_gap(p, alpha, reference_min_norm_weights(p.gram)) <= TOL
+    assert_on_simplex(min_norm_weights(np.full((3, 3), np.finfo(np.float64).max)), 3)
+    assert capfd.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    ("gram", "smallest"),
+    [
+        (np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), "-1"),
+        (np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 1.0]]), "-0.414"),
+        (np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), "-1"),
+        (torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), "-1"),
+    ],
+    ids=["2x2-block", "coupled", "zero-diagonal", "torch"],
+)
+@pytest.mark.parametrize("entry", ["function", "solver", "daqp"])
+def test_clearly_indefinite_gram_is_refused(gram, smallest: str, entry: str, capfd) -> None:
+    """A positive diagonal but a clearly negative eigenvalue: ValueError naming it, and OSQP
+    never gets to print its "not quasidefinite" error."""
+    with pytest.raises(ValueError, match=rf"not positive semi-definite: smallest eigenvalue {smallest}"):
+        if entry == "function":
+            min_norm_weights(gram)
+        elif entry == "solver":
+            MinNormSolver().solve(gram)
+        else:
+            min_norm_weights(gram, solver="daqp")
+    assert capfd.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rel", "accepted"),
+    [
+        (np.float64, 1e-14, True),  # float64 rounding
+        (np.float64, 5e-7, True),  # below INDEFINITE_RTOL: clipped
+        (np.float64, 5e-6, False),
+        (np.float32, 1e-4, True),  # float32's tolerance: √ε ≈ 3.5e-4
+        (np.float32, 1e-3, False),
+    ],
+)
+def test_indefiniteness_tolerance_is_relative_to_trace_and_dtype(dtype, rel: float, accepted: bool, capfd) -> None:
+    """λ_min = −rel·trace on a rank-deficient Gram: accepted (the negative part clipped, the
+    answer optimal for the PSD part) or refused, as ``INDEFINITE_RTOL`` / the dtype's √ε say."""
+    rng = np.random.default_rng(3)
+    jac = rng.normal(size=(6, 2))
+    psd = _gram_of(jac)
+    v = np.linalg.svd(jac.T)[2][-1]  # a null direction of G
+    g = (psd - rel * np.trace(psd) * np.outer(v, v)).astype(dtype)
+    assert np.linalg.eigvalsh(g.astype(np.float64))[0] < -0.5 * rel * np.trace(psd)
+    if accepted:
+        alpha = min_norm_weights(g)
+        p = Problem(psd, jac, "clipped")
+        assert_on_simplex(alpha, 6)
+        rounding = 6 * np.finfo(dtype).eps * np.abs(psd).max() + rel * np.trace(psd)
+        assert objective_gap(p, alpha, reference_min_norm_weights(psd)) * p.unit <= TOL * p.unit + rounding
+    else:
+        with pytest.raises(ValueError, match="not positive semi-definite"):
+            min_norm_weights(g)
+    assert capfd.readouterr().out == ""
+
+
+def test_rounded_grams_never_make_osqp_print(capfd: pytest.CaptureFixture[str]) -> None:
+    """float16/float32 rounding of rank-deficient Gram matrices (slightly indefinite): solved
+    without a word on stdout (OSQP prints errors there for a non-convex P)."""
+    rng = np.random.default_rng(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for kind in ("rank-deficient", "duplicates", "near-duplicates", "opposite"):
+            g = hard_gram(kind, 7, rng)
+            g = g / np.abs(g).max()
+            alpha = MinNormSolver().solve(torch.from_numpy(g).to(dtype))[0]
+            assert_on_simplex(alpha, 7)
+    assert capfd.readouterr().out == ""
+
+
+@pytest.mark.parametrize("entry", ["function", "solver"])
+def test_meta_device_gram_is_named(entry: str) -> None:
+    gram = torch.eye(3, device="meta")
+    with pytest.raises(ValueError, match=r"gram is a tensor on the meta device \(shape \(3, 3\)"):
+        if entry == "function":
+            min_norm_weights(gram)
+        else:
+            MinNormSolver().solve(gram)
+
+
+def test_two_near_duplicates_take_the_shorter_gradient() -> None:
+    """K=2 closed form when ‖g₁ − g₂‖² rounds to ≤ 0: the objective is linear along the
+    segment, so the shorter gradient wins (it used to return ½, ½: up to 2e-9·trace/K off)."""
+    g = np.array([[26.37792518, 26.37792529], [26.37792529, 26.3779254]])
+    assert g[0, 0] - 2 * g[0, 1] + g[1, 1] <= 0.0
+    np.testing.assert_array_equal(min_norm_weights(g), [1.0, 0.0])
+    for seed in range(50):
+        g = _near_duplicate_clusters(2, seed, 1e-9, n_clusters=1)
+        p = Problem(g, None, "K=2 near-duplicates")
+        assert objective_gap(p, min_norm_weights(g), reference_min_norm_weights(g)) <= TOL

@@ -90,11 +90,24 @@ def reference_min_norm_weights(gram: np.ndarray) -> np.ndarray:
 
 
 #: Kinds of hard Gram matrices ``hard_gram`` builds.
-GRAM_KINDS = ("well-conditioned", "rank-deficient", "duplicates", "opposite", "zero-rows", "wide-scales")
+GRAM_KINDS = (
+    "well-conditioned",
+    "rank-deficient",
+    "duplicates",
+    "opposite",
+    "zero-rows",
+    "wide-scales",
+    "near-duplicates",
+)
 
 
 def hard_gram(kind: str, k: int, rng: np.random.Generator, *, dim: int = 32) -> np.ndarray:
-    """A K×K Gram matrix of gradients of ``kind`` (see ``GRAM_KINDS``), float64."""
+    """A K×K Gram matrix of gradients of ``kind`` (see ``GRAM_KINDS``), float64.
+
+    ``near-duplicates``: two or three clusters of gradients, each a base gradient plus noise
+    of relative size 1e-9..1e-3 (log-uniform): the differences within a cluster are at or
+    near the rounding level of G, the case where an exact finish must not invert rounding.
+    """
     if kind == "well-conditioned":
         j = rng.normal(size=(k, max(dim, 2 * k)))
     elif kind == "rank-deficient":
@@ -112,6 +125,10 @@ def hard_gram(kind: str, k: int, rng: np.random.Generator, *, dim: int = 32) -> 
             j[0] = rng.normal(size=dim)
     elif kind == "wide-scales":
         j = rng.normal(size=(k, dim)) * 10.0 ** rng.uniform(-6, 6, size=(k, 1))
+    elif kind == "near-duplicates":
+        base = rng.normal(size=(int(rng.integers(2, 4)), dim))
+        spread = 10.0 ** rng.uniform(-9, -3)
+        j = base[rng.integers(0, base.shape[0], size=k)] + spread * rng.normal(size=(k, dim))
     else:
         raise ValueError(f"kind must be one of {GRAM_KINDS}, got {kind!r}")
     g = j @ j.T

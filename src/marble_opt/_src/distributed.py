@@ -6,6 +6,13 @@ batch is the mean of the ranks' losses and its gradient the mean of their gradie
 data-parallel step can equal one process on the concatenated batch. ``Collective`` is the one
 place where MarbleOptimizer and its Gram sources talk to the other ranks:
 
+- ``agree_names``: before any other collective of a ``backward``, the ranks check that they
+  pass the same loss names (one all-reduce of 3 int64: a hash of the name set, and whether
+  the names were agreed before) and take them in one order, the group's first rank's (one
+  ``all_gather_object`` of the names, on the first call and after a change). Different name
+  sets raise ``ValueError`` on every rank, naming which rank lacks which key, instead of a
+  collective that hangs until the process-group timeout; a different dict order is not an
+  error (averaging loss values by position would silently mix objectives).
 - ``mean_losses``: the losses (and the unbalanced ``extra`` loss) averaged over ranks, one
   all-reduce of K+1 float64 per ``backward``. A loss that is non-finite on any rank is
   non-finite on every rank afterwards, so every rank takes the same skip/exclude decision.
@@ -26,6 +33,9 @@ sends nothing. ``traffic`` counts the payload bytes handed to collectives, by pu
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -62,9 +72,12 @@ class Collective:
                     f"process_group must be None, False or a torch.distributed.ProcessGroup, got {process_group!r}"
                 )
         self.process_group = process_group
-        #: Payload bytes handed to collectives so far, by purpose ("losses", "gradients",
+        #: Payload bytes handed to collectives so far, by purpose ("names", "losses", "gradients",
         #: "gram", "broadcast", "flag"); a ring all-reduce moves about 2·(R−1)/R of it per rank.
         self.traffic: Counter[str] = Counter()
+        # The names every rank agreed on last (the first rank's order), and their set.
+        self._agreed: tuple[str, ...] | None = None
+        self._agreed_set: frozenset[str] = frozenset()
 
     def __getstate__(self) -> dict[str, Any]:
         # A ProcessGroup cannot be pickled: a copy falls back to the default group.
@@ -120,6 +133,66 @@ class Collective:
         dist = _dist()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
         self.traffic[purpose] += tensor.numel() * tensor.element_size()
+
+    @staticmethod
+    def _names_digest(names: frozenset[str]) -> int:
+        """A 62-bit hash of a set of names, the same in every process (unlike ``hash``)."""
+        text = json.dumps(sorted(names)).encode()
+        return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 2
+
+    @staticmethod
+    def _object_device(group: Any) -> torch.device:
+        """Where a small tensor for ``group``'s collectives lives: CUDA for NCCL, else CPU."""
+        backend = str(_dist().get_backend(group)).lower()
+        if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def agree_names(self, names: tuple[str, ...], device: torch.device | None = None) -> tuple[str, ...]:
+        """``names`` (this rank's loss keys) in the order every rank uses: the group's first rank's.
+
+        Call it before any other collective of a ``backward``. Every call costs one all-reduce
+        of 3 int64 (24 bytes): a hash of the name set and whether it was agreed before. The
+        first call, and any call where a rank's set differs from the last agreed one, adds one
+        ``all_gather_object`` of the names (pickled). ``device``: for the all-reduce (default:
+        CUDA under NCCL, else CPU).
+
+        Raises:
+            ValueError: on every rank, when the ranks' name sets differ; it names each key that
+                is not on every rank and the ranks that lack it.
+        """
+        group = self._group()
+        if group is None:
+            return names
+        dist = _dist()
+        key = frozenset(names)
+        digest = self._names_digest(key)
+        known = self._agreed is not None and key == self._agreed_set
+        dev = device if device is not None else self._object_device(group)
+        # MAX of (h, −h, −known): all hashes equal iff max h = min h; all known iff max(−known) = 0.
+        t = torch.tensor([digest, -digest, 0 if known else -1], dtype=torch.int64, device=dev)
+        self._all_reduce(t, "names", group, op=dist.ReduceOp.MAX)
+        same, everywhere_known = int(t[0]) == -int(t[1]), int(t[2]) == 0
+        if same and everywhere_known:
+            assert self._agreed is not None
+            return self._agreed
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, tuple(names), group=group)
+        self.traffic["names"] += len(pickle.dumps(tuple(names)))
+        sets = [frozenset(g) for g in gathered]
+        if any(s != sets[0] for s in sets):
+            ranks = [dist.get_global_rank(group, i) for i in range(len(gathered))]
+            union = sorted(frozenset().union(*sets))
+            lacking = {n: [r for r, s in zip(ranks, sets) if n not in s] for n in union}
+            detail = "; ".join(f"{n!r} is missing on rank(s) {rs}" for n, rs in lacking.items() if rs)
+            shown = ", ".join(f"rank {r} passed {list(g)}" for r, g in list(zip(ranks, gathered))[:8])
+            raise ValueError(
+                f"the loss names differ across ranks: {detail} ({shown}{', ...' if len(ranks) > 8 else ''}); "
+                "every rank must pass the same keys (in any order), e.g. a NaN loss with nonfinite='exclude' "
+                "for an objective a rank cannot compute"
+            )
+        self._agreed, self._agreed_set = tuple(gathered[0]), sets[0]
+        return self._agreed
 
     def mean_losses(self, values: np.ndarray, device: torch.device) -> np.ndarray:
         """Mean over ranks of the loss values (float64, any shape); non-finite anywhere stays

@@ -522,8 +522,11 @@ class MarbleOptimizer(torch.optim.Optimizer):
         for key in losses:
             if not isinstance(key, str):
                 raise TypeError(f"loss names must be strings, got {key!r} ({type(key).__name__})")
+        # Under torch.distributed: the same keys on every rank (else ValueError on every rank,
+        # not a hang), in one order (the first rank's), before any collective.
+        agreed = self._comm.agree_names(tuple(losses))
         if self._names is None:
-            names = tuple(losses)
+            names = agreed
         else:
             names = self._names
             missing = [n for n in names if n not in losses]
