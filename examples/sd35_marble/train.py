@@ -632,7 +632,8 @@ class Trainer:
         """Local rewards, then advantages over the whole (all-process) batch; returns
         ``(gathered rewards, local advantages, local masks)``."""
         acc = self.accelerator
-        local = {r.name: r(batch.images, batch.prompts).float() for r in self.rewards}
+        prompts = self.adapter.reward_prompts(batch.prompts)
+        local = {r.name: r(batch.images, prompts).float() for r in self.rewards}
         gathered = {k: acc.gather(v.to(self.device)).cpu() for k, v in local.items()}
         gids = acc.gather(batch.group_ids.to(self.device)).cpu()
         adv = group_advantages(gathered, gids, global_std=not self.cfg.per_group_std)

@@ -105,6 +105,10 @@ class ModelAdapter(ABC):
         """Save the evaluation images (``per_prompt`` consecutive images per prompt)."""
 
     # ---- optional hooks -------------------------------------------------------------------------
+    def reward_prompts(self, prompts: list[Any]) -> Any:
+        """What the rewards get as their second argument for these per-sample prompts."""
+        return prompts
+
     def eval_seed(self, seed: int) -> int:
         """Seed of the evaluation noise (held fixed across steps)."""
         return seed + 12345

@@ -96,6 +96,9 @@ class DigitsAdapter(ModelAdapter):
             out += rng.sample(range(NUM_CLASSES), NUM_CLASSES)
         return out[:n]
 
+    def reward_prompts(self, prompts: list[int]) -> Tensor:
+        return torch.as_tensor([int(p) for p in prompts], dtype=torch.long)
+
     def eval_prompts(self) -> list[int]:
         return list(range(NUM_CLASSES))
 
