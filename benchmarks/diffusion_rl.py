@@ -454,9 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     extra_argv: list[str] = []
+    given = list(argv) if argv is not None else sys.argv[1:]
     if args.quick:
-        args.steps, args.eval_every, args.seeds = 4, 2, args.seeds if argv and "--seeds" in argv else [0, 1]
-        args.suites = args.suites if argv and "--suites" in argv else ["mismatch"]
+        args.steps, args.eval_every = 4, 2
+        args.seeds = args.seeds if "--seeds" in given else [0, 1]
+        args.suites = args.suites if "--suites" in given else ["mismatch"]
         args.methods = args.methods or ["weighted-sum", "equal-alpha", "marble"]
         extra_argv = ["--prompts-per-step", "4", "--group-size", "4", "--sample-batch-size", "16", "--train-batch-size", "16", "--grid-images-per-prompt", "5"]  # fmt: skip
     out_dir = Path(args.out_dir)
@@ -522,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from _common import environment_line
 
     meta = {
-        "command": "python benchmarks/diffusion_rl.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/diffusion_rl.py " + " ".join(given),
         "steps": args.steps,
         "lr": lr,
         "lr_source": lr_source,
