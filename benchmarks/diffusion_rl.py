@@ -398,7 +398,7 @@ def plot(results: list[dict[str, Any]], methods: Sequence[str], path_for) -> lis
             imgs = np.asarray(r["samples_end"], dtype=np.float32)
             labels = np.asarray(r["labels_end"])
             per = 4
-            rows = [imgs[labels == d][:per] for d in range(10)]
+            rows = [np.pad(imgs[labels == d][:per], ((0, 0), (1, 1), (1, 1))) for d in range(10)]  # 1 px gaps
             canvas = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
             ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=1)
             ax.set_title(f"{m} (seed {r['seed']})", fontsize=9)

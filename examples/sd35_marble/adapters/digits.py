@@ -122,6 +122,7 @@ class DigitsAdapter(ModelAdapter):
         labels = np.repeat(np.asarray(prompts, dtype=np.int64), per_prompt)
         imgs = images.detach().float().cpu().numpy().astype(np.float32)
         np.savez(folder / f"eval_samples_step_{step:06d}.npz", images=imgs, labels=labels)
-        grid = imgs.reshape(len(prompts), per_prompt, 8, 8).transpose(0, 2, 1, 3).reshape(len(prompts) * 8, -1)
+        cells = np.pad(imgs.reshape(len(prompts), per_prompt, 8, 8), ((0, 0), (0, 0), (1, 1), (1, 1)))  # 1 px gaps
+        grid = cells.transpose(0, 2, 1, 3).reshape(len(prompts) * 10, -1)
         big = np.kron(grid, np.ones((4, 4), dtype=np.float32))  # 4x upscaled, ink dark on white
         Image.fromarray(((1.0 - big) * 255).round().astype(np.uint8)).save(folder / f"step_{step:06d}.png")
