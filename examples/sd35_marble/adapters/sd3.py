@@ -9,7 +9,6 @@ policy is the LoRA adapter ``"default"``, the old (sampling) policy a second ada
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import warnings
 from collections.abc import Iterator
@@ -231,15 +230,19 @@ class SD3Adapter(ModelAdapter):
 
     # ---- outputs --------------------------------------------------------------------------------
     def export(self, out_dir: Path, tensors: dict[str, dict[str, Tensor]]) -> None:
-        """LoRA in diffusers' format (``pipe.load_lora_weights(out_dir)`` reads it)."""
-        from safetensors.torch import save_file
+        """LoRA with ``StableDiffusion3Pipeline.save_lora_weights`` (``pipe.load_lora_weights(out_dir)``
+        reads it): the LoRA config goes in the metadata."""
+        from diffusers import StableDiffusion3Pipeline
 
-        cfg = self.lora_config.to_dict()
-        cfg = {f"transformer.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-        metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(cfg, sort_keys=True, default=str)}
+        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in self.lora_config.to_dict().items()}
         names = {"default": "pytorch_lora_weights.safetensors", "ema": "pytorch_lora_weights_ema.safetensors"}
         for which, sd in tensors.items():
-            save_file({f"transformer.{k}": v for k, v in sd.items()}, str(out_dir / names[which]), metadata=metadata)
+            StableDiffusion3Pipeline.save_lora_weights(
+                out_dir,
+                transformer_lora_layers=sd,
+                weight_name=names[which],
+                transformer_lora_adapter_metadata=metadata,
+            )
 
     def write_samples(self, out_dir: Path, step: int, images: Tensor, prompts: list[str], per_prompt: int) -> None:
         """One PNG grid ``samples/step_XXXXXX.png``: a row per prompt."""
