@@ -412,6 +412,27 @@ def plot(results: list[dict[str, Any]], methods: Sequence[str], path_for) -> lis
     return paths
 
 
+def choose_lr(results: list[dict[str, Any]], lrs: Sequence[float], max_judge_drop: float = 0.05):
+    """``--lr-sweep``'s choice: the lr with the largest mean reward change (over suites, seeds and
+    rewards, each in units of the reward's sd over the pretrained model's held-out samples) among
+    the lrs whose mean judge accuracy drops by at most ``max_judge_drop`` (all lrs if none does).
+
+    Returns ``(best lr, {lr: {"score", "judge_drop", "eligible"}})``.
+    """
+    scores: dict[float, dict[str, Any]] = {}
+    for lr in lrs:
+        rs = [r for r in results if r["lr"] == lr]
+        z = [
+            (r["reward_end"][k] - r["reward_start"][k]) / (r["reward_sd_start"][k] + 1e-6)
+            for r in rs
+            for k in r["reward_start"]
+        ]
+        judge_drop = float(np.mean([r["judge_start"] - r["judge_end"] for r in rs]))
+        scores[lr] = {"score": float(np.mean(z)), "judge_drop": judge_drop, "eligible": judge_drop <= max_judge_drop}
+    eligible = [lr for lr in lrs if scores[lr]["eligible"]] or list(lrs)
+    return max(eligible, key=lambda lr: scores[lr]["score"]), scores
+
+
 # ---- command line ------------------------------------------------------------------------------------
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME=JSON`` → (name, MarbleOptimizer keyword arguments)."""
@@ -478,19 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for s in args.seeds
         ]
         results = run_tasks(tasks, args.jobs)
-        scores = {}
-        for lr in args.lr_sweep:
-            rs = [r for r in results if r["lr"] == lr]
-            # scale-free: each reward's change in units of its sd over the pretrained model's samples
-            z = [
-                (r["reward_end"][k] - r["reward_start"][k]) / (r["reward_sd_start"][k] + 1e-6)
-                for r in rs
-                for k in r["reward_start"]
-            ]
-            judge_drop = float(np.mean([r["judge_start"] - r["judge_end"] for r in rs]))
-            scores[lr] = {"score": float(np.mean(z)), "judge_drop": judge_drop, "eligible": judge_drop <= 0.05}
-        eligible = [lr for lr in args.lr_sweep if scores[lr]["eligible"]] or list(args.lr_sweep)
-        best = max(eligible, key=lambda lr: scores[lr]["score"])
+        best, scores = choose_lr(results, args.lr_sweep)
         record = {
             "lr": best,
             "method": BASELINE,

@@ -227,3 +227,25 @@ def test_diffusion_rl_paired_differences_match_the_runs(diffusion_rl_report):
             assert paired["diff_mean"] == pytest.approx(np.mean(changes) - np.mean(base), abs=1e-12)
             assert paired["wins"] == sum(c > b for c, b in zip(changes, base))
             assert paired["p_greater"] is None or 0.0 <= paired["p_greater"] <= 1.0
+
+
+def test_diffusion_rl_lr_choice_prefers_reward_gain_but_not_at_the_judges_cost():
+    bench = _load("diffusion_rl")
+
+    def run(lr, gain, judge_end):
+        return {
+            "lr": lr,
+            "reward_start": {"a": 0.0, "b": 1.0},
+            "reward_end": {"a": gain, "b": 1.0 + 10 * gain},
+            "reward_sd_start": {"a": 1.0, "b": 10.0},  # b moves 10x more in 10x its spread: the same z
+            "judge_start": 1.0,
+            "judge_end": judge_end,
+        }
+
+    results = [run(1e-5, 0.1, 1.0), run(3e-5, 0.3, 0.99), run(1e-4, 0.9, 0.90)]
+    best, scores = bench.choose_lr(results, [1e-5, 3e-5, 1e-4])
+    assert best == 3e-5  # 1e-4 gains most but costs 0.10 judge accuracy
+    assert scores[1e-5]["score"] == pytest.approx(0.1) and scores[3e-5]["score"] == pytest.approx(0.3)
+    assert not scores[1e-4]["eligible"] and scores[1e-4]["judge_drop"] == pytest.approx(0.1)
+    best, _ = bench.choose_lr(results, [1e-5, 3e-5, 1e-4], max_judge_drop=0.2)
+    assert best == 1e-4
