@@ -28,7 +28,7 @@ Run::
 
     python benchmarks/diffusion_rl.py --lr-sweep 1e-5 3e-5 1e-4 --jobs 2     # once: pick the lr
     python benchmarks/diffusion_rl.py --jobs 2                                # the full grid
-    python benchmarks/diffusion_rl.py --marble-variant cross='{"gram_estimator": "cross"}'
+    python benchmarks/diffusion_rl.py --marble-variant cross='{"gram": "exact", "gram_estimator": "cross"}'
     python benchmarks/diffusion_rl.py --quick                                 # seconds (tests)
 
 Writes ``benchmarks/results/diffusion_rl.md`` / ``.json`` and ``diffusion_rl_<suite>.png``
@@ -458,11 +458,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=parse_variant,
         default=[],
         metavar="NAME=JSON",
-        help='an extra MARBLE method with these MarbleOptimizer options, e.g. \'cross={"gram_estimator": "cross"}\'',
+        help="an extra MARBLE method: MarbleOptimizer options as JSON ('gram' sets --gram, default shared), "
+        'e.g. \'cross={"gram": "exact", "gram_estimator": "cross"}\'',
     )
     p.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES))
     p.add_argument(
-        "--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="RL seeds (pretrained model = seed % 2)"
+        "--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="RL seeds (pretrained model = seed %% 2)"
     )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=20, help="steps between conflict measurements")

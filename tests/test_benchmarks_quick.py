@@ -249,3 +249,17 @@ def test_diffusion_rl_lr_choice_prefers_reward_gain_but_not_at_the_judges_cost()
     assert not scores[1e-4]["eligible"] and scores[1e-4]["judge_drop"] == pytest.approx(0.1)
     best, _ = bench.choose_lr(results, [1e-5, 3e-5, 1e-4], max_judge_drop=0.2)
     assert best == 1e-4
+
+
+def test_diffusion_rl_help_and_variant_parsing(capsys):
+    bench = _load("diffusion_rl")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--help"])
+    assert exc.value.code == 0 and "--marble-variant" in capsys.readouterr().out
+    assert bench.parse_variant('x={"gram": "exact", "normalize": "none"}') == (
+        "x",
+        {"gram": "exact", "normalize": "none"},
+    )
+    for bad in ("nojson", "x=[1]", "x={bad"):
+        with pytest.raises(Exception, match="JSON|NAME=JSON"):
+            bench.parse_variant(bad)
