@@ -32,6 +32,16 @@ Usage::
     python benchmarks/step_overhead.py --out step_overhead.md          # full run, ~3-5 min
     python benchmarks/step_overhead.py --quick                          # the test suite's run
     python benchmarks/step_overhead.py --device cuda --out gpu.md
+    python benchmarks/step_overhead.py --cases mlp --out mlp.md         # the small-step MLPs only
+
+Small steps (``--cases mlp``, also part of the default run): where the wrapper's fixed cost per
+step shows most. A 6-layer GELU MLP (D=384, batch 128, K=5 linear heads): ``shared`` (trunk
+output) and ``params`` (last layer) against a plain AdamW step on ``Σ_k L_k``; a 4-layer GELU
+MLP (D=512, batch 64, K=4): ``exact`` and ``exact-lean`` against the K plain backward passes
+they need. Beside each ratio: host syncs per step, the device-to-host round trips a step makes
+(counted by ``HostSyncCounter`` on CPU: every read of a device-computed tensor's values into
+Python; on CUDA: ``torch.cuda.set_sync_debug_mode`` warnings, which also count the wrapped
+optimizer's own).
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +63,7 @@ from torch import Tensor, nn
 from marble_opt import MarbleOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment_line, markdown_table, write_markdown  # noqa: E402
+from _common import environment_line, markdown_table, rotated, write_markdown  # noqa: E402
 
 try:  # optional: the bench extra
     import torchjd
@@ -147,6 +157,7 @@ def plain(model: Model) -> Step:
         sum(losses.values()).backward()
         opt.step()
 
+    step.optimizer = opt  # type: ignore[attr-defined]
     return step
 
 
@@ -161,6 +172,7 @@ def k_backward(model: Model) -> Step:
             loss.backward(retain_graph=i < len(values) - 1)
         opt.step()
 
+    step.optimizer = opt  # type: ignore[attr-defined]
     return step
 
 
@@ -511,6 +523,253 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+# ---- small steps: MLPs whose step is a few ms, where the fixed cost per step shows ---------
+@dataclass(frozen=True)
+class MlpCase:
+    """A GELU MLP trunk (``layers`` × Linear(d, d) + GELU) with K linear heads, MSE per head."""
+
+    label: str
+    d: int
+    layers: int
+    batch: int
+    k: int
+    baseline: str  # "plain" (AdamW on Σ L_k) or "kpass" (K backward passes + AdamW)
+    sources: tuple[str, ...]
+
+
+MLP_CASES = (
+    MlpCase("6-layer MLP, D=384, batch 128, K=5", 384, 6, 128, 5, "plain", ("shared", "params")),
+    MlpCase("4-layer MLP, D=512, batch 64, K=4", 512, 4, 64, 4, "kpass", ("exact", "exact-lean")),
+)
+MLP_QUICK = (
+    MlpCase("6-layer MLP, D=32, batch 8, K=3", 32, 6, 8, 3, "plain", ("shared", "params")),
+    MlpCase("4-layer MLP, D=32, batch 8, K=2", 32, 4, 8, 2, "kpass", ("exact", "exact-lean")),
+)
+
+
+class Mlp(nn.Module):
+    def __init__(self, case: MlpCase) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(*(m for _ in range(case.layers) for m in (nn.Linear(case.d, case.d), nn.GELU())))
+        self.heads = nn.ModuleList(nn.Linear(case.d, 1) for _ in range(case.k))
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        z = self.trunk(x)
+        return z, {f"task{k}": ((h(z).squeeze(-1) - y[k]) ** 2).mean() for k, h in enumerate(self.heads)}
+
+
+def mlp_step(case: MlpCase, method: str, model: Mlp) -> Step:
+    """One full step of ``method`` ("plain", "kpass" or a Gram source) on ``model``."""
+    if method in ("plain", "kpass"):
+        return (plain if method == "plain" else k_backward)(model)  # type: ignore[arg-type]
+    kwargs = {"gram_params": list(model.trunk[-2].parameters())} if method == "params" else {}
+    opt = MarbleOptimizer(adamw(model.parameters()), gram=method, **kwargs)
+
+    def step(batch):
+        z, losses = model(*batch)
+        opt.zero_grad(set_to_none=True)
+        opt.step(losses, shared=z if method == "shared" else None)
+
+    step.optimizer = opt  # type: ignore[attr-defined]
+    return step
+
+
+class HostSyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts device-to-host round trips: reads of a device-computed tensor's values into Python.
+
+    A read is ``item``, ``tolist``, ``numpy``, ``bool``/``float``/``int``, ``np.asarray`` or a
+    copy to the host (``cpu()``, ``to("cpu")``) of a tensor that is not already host data.
+    Host data are tensors made from numpy or Python values (``torch.from_numpy``,
+    ``torch.as_tensor``, ``torch.tensor``), the results of a counted copy to the host, and
+    whatever is computed from host data alone; everything else (the model's outputs,
+    parameters, gradients) counts as device data, so the count on CPU is the count a CUDA run
+    would make. A copy to the host returns a new tensor even on CPU (``cpu()`` of a CPU tensor
+    is itself), so that reading the copy is not counted twice.
+
+    Tensors that live on the host by design although made before the count starts (the
+    smoothed weights, a torch optimizer's ``step`` counters, which stay on the CPU unless
+    ``capturable``/``fused``) are passed as ``host`` (see ``host_state``).
+
+    Use: ``with HostSyncCounter(host_state(opt)) as c: step(batch)``, then ``c.count`` (and
+    ``c.where``, the functions that read).
+    """
+
+    _READS = frozenset({"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__array__"})
+
+    def __init__(self, host: Iterable[Tensor] = ()) -> None:
+        super().__init__()
+        self.count = 0
+        self.where: list[str] = []
+        self._host: dict[int, object] = {}  # id -> weakref of host tensors
+        for t in host:
+            self._mark(t)
+
+    def _is_host(self, t: Tensor) -> bool:
+        ref = self._host.get(id(t))
+        return ref is not None and ref() is t  # type: ignore[operator]
+
+    def _mark(self, out: object) -> None:
+        import weakref
+
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor):
+                self._host[id(t)] = weakref.ref(t)
+
+    def __enter__(self):
+        self._from_numpy = torch.from_numpy
+
+        def from_numpy(array):
+            out = self._from_numpy(array)
+            self._mark(out)
+            return out
+
+        torch.from_numpy = from_numpy
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.from_numpy = self._from_numpy
+        return super().__exit__(*exc)
+
+    @staticmethod
+    def _to_host(func_name: str, args: tuple, kwargs: dict) -> bool:
+        if func_name == "cpu":
+            return True
+        if func_name != "to":
+            return False
+        for a in (*args[1:], kwargs.get("device")):
+            if isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu":
+                return True
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        for a in (*args, *kwargs.values()):  # torch.stack([...]) and friends
+            if isinstance(a, (list, tuple)):
+                tensors += [t for t in a if isinstance(t, Tensor)]
+        out = func(*args, **kwargs)
+        device_input = any(not self._is_host(t) for t in tensors)
+        if name in self._READS and tensors and device_input:
+            self.count += 1
+            self.where.append(name)
+        elif self._to_host(name, args, kwargs) and device_input:
+            self.count += 1
+            self.where.append(name)
+            if out is args[0]:  # cpu() of a CPU tensor: a distinct host copy, as on a GPU
+                out = out.clone()
+            self._mark(out)
+        elif name in ("as_tensor", "tensor") and not (tensors and device_input):
+            self._mark(out)
+        elif tensors and not device_input:
+            self._mark(out)
+        return out
+
+
+def host_state(opt: torch.optim.Optimizer) -> list[Tensor]:
+    """Tensors an optimizer keeps on the host by design: a torch optimizer's ``step`` counters
+    (unless ``capturable``/``fused``) and, for a ``MarbleOptimizer``, the bookkeeping tensors
+    among its attributes and theirs (the smoothed weights; not the Gram source's buffers), besides those of the optimizer it wraps."""
+    out: list[Tensor] = []
+    inner = getattr(opt, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        out += host_state(inner)
+        params = {id(p) for g in opt.param_groups for p in g["params"]}
+        for value in vars(opt).values():
+            if value is getattr(opt, "source", None):  # its buffers hold device data
+                continue
+            for v in (value, *getattr(value, "__dict__", {}).values()):
+                if isinstance(v, Tensor) and id(v) not in params:
+                    out.append(v)
+        return out
+    for group in opt.param_groups:
+        if group.get("capturable") or group.get("fused"):
+            continue
+        for p in group["params"]:
+            step = opt.state.get(p, {}).get("step")
+            if isinstance(step, Tensor):
+                out.append(step)
+    return out
+
+
+def count_host_syncs(step: Step, batch, device: torch.device) -> int:
+    """Host round trips of one call of ``step(batch)`` (see ``HostSyncCounter``; on CUDA the
+    synchronising calls ``torch.cuda.set_sync_debug_mode`` warns about)."""
+    if device.type == "cuda":
+        sync(device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+    with HostSyncCounter(host_state(step.optimizer)) as counter:  # type: ignore[attr-defined]
+        step(batch)
+    return counter.count
+
+
+def time_mlp_case(
+    case: MlpCase, device: torch.device, repeats: int, warmup: int, seed: int, clock=time.perf_counter
+) -> list[dict]:
+    """Interleaved timing of the case's baseline and sources; rows with ms, ratio and syncs."""
+    torch.manual_seed(seed)
+    base = Mlp(case).to(device)
+    labels = [case.baseline, *case.sources]
+    steps = [mlp_step(case, m, copy.deepcopy(base)) for m in labels]
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = []
+    for _ in range(4):
+        x = torch.randn(case.batch, case.d, generator=gen)
+        yb = torch.randn(case.batch, generator=gen)
+        y = torch.stack([(1.0 + j) * ((-1) ** j) * yb + torch.randn(case.batch, generator=gen) for j in range(case.k)])
+        batches.append((x.to(device), y.to(device)))
+    times: list[list[float]] = [[] for _ in labels]
+    counter = 0
+    for r in range(warmup + repeats):
+        order = rotated(list(range(len(labels))), r)
+        if r % 2:
+            order.reverse()
+        for i in order:
+            sync(device)
+            t0 = clock()
+            steps[i](batches[counter % len(batches)])
+            sync(device)
+            if r >= warmup:
+                times[i].append(clock() - t0)
+            counter += 1
+    med = [statistics.median(t) for t in times]
+    syncs = [count_host_syncs(s, batches[0], device) for s in steps]
+    names = {"plain": PLAIN, "kpass": KPASS}
+    return [
+        {"method": names.get(m, f"marble {m}"), "ms": 1e3 * t, "ratio": t / med[0], "syncs": n}
+        for m, t, n in zip(labels, med, syncs)
+    ]
+
+
+def mlp_markdown(rows: dict[str, list[dict]], repeats: int, clock: str) -> str:
+    lines = [
+        "### Small steps (MLPs)",
+        "",
+        f"One step = forward + backward + AdamW step; median of {repeats} interleaved rounds, timed by "
+        + ("the CPU time of the torch thread" if clock == "cpu" else "wall-clock time")
+        + ". Ratio to the case's baseline (first row); host syncs: device-to-host round trips per step.",
+        "",
+    ]
+    for label, case_rows in rows.items():
+        lines += [
+            f"{label}:",
+            "",
+            markdown_table(
+                ["method", "ms per step", "ratio", "host syncs per step"],
+                [[r["method"], f"{r['ms']:.2f}", f"{r['ratio']:.3f}×", str(r["syncs"])] for r in case_rows],
+            ),
+            "",
+        ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, K=2,3, few repeats (the test suite's run)")
@@ -525,6 +784,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the Markdown table to this file")
     parser.add_argument("--methods", nargs="+", help="time only the methods whose label contains one of these")
     parser.add_argument("--no-fidelity", action="store_true", help="skip the fidelity table")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["transformer", "mlp"],
+        choices=["transformer", "mlp"],
+        help="transformer: the K sweep on the transformer; mlp: the small-step MLP cases (default both)",
+    )
+    parser.add_argument("--mlp-repeats", type=int, help="timed rounds of the MLP cases (default 30; quick: 3)")
     parser.add_argument(
         "--clock",
         choices=["cpu", "wall"],
@@ -550,9 +817,16 @@ def main(argv: list[str] | None = None) -> int:
     if clock_name == "cpu" and (device.type != "cpu" or args.threads != 1):
         parser.error("--clock cpu measures one thread's CPU time: use it with --device cpu --threads 1")
     clock = time.thread_time if clock_name == "cpu" else time.perf_counter
-    timing = {k: time_methods(cfg, k, device, args.seed + k, args.methods, clock) for k in cfg.ks}
-    fid = {} if args.no_fidelity else {k: fidelity(cfg, k, device, args.seed + 100 + k) for k in cfg.ks}
-    text = markdown(cfg, device, timing, fid, command.strip(), time.perf_counter() - start, clock_name)
+    text = ""
+    if "transformer" in args.cases:
+        timing = {k: time_methods(cfg, k, device, args.seed + k, args.methods, clock) for k in cfg.ks}
+        fid = {} if args.no_fidelity else {k: fidelity(cfg, k, device, args.seed + 100 + k) for k in cfg.ks}
+        text = markdown(cfg, device, timing, fid, command.strip(), time.perf_counter() - start, clock_name)
+    if "mlp" in args.cases:
+        repeats = args.mlp_repeats or (3 if args.quick else 30)
+        cases = MLP_QUICK if args.quick else MLP_CASES
+        rows = {c.label: time_mlp_case(c, device, repeats, 1 if args.quick else 3, args.seed, clock) for c in cases}
+        text += ("\n" if text else "") + mlp_markdown(rows, repeats, clock_name)
     write_markdown(args.out, text)
     return 0
 

@@ -942,3 +942,224 @@ def test_an_excluded_objective_has_an_undefined_cosine_not_zero() -> None:
     assert math.isnan(report.update_cosine["zero"]) and math.isnan(report.mean_cosine["zero"])
     assert report.worst_update_cosine == pytest.approx(min(report.update_cosine[k] for k in ("big", "mid", "small")))
     assert report.worst_update_cosine > 0
+
+
+# ---- issue 11: stale skips, hooks, messages ------------------------------------------------
+
+
+def _overflowing(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Finite parameters and inputs, losses that overflow float32 to inf (as fp16 ones would)."""
+    return {k: v * 1e30 * 1e30 for k, v in objectives(model).items()}
+
+
+def test_a_stale_skip_does_not_swallow_the_next_good_step() -> None:
+    """nonfinite="propagate" + GradScaler: the overflowing backward fills p.grad with NaN,
+    GradScaler.step never calls step(), the loop clears gradients through the *model*
+    (model.zero_grad(), as the HF Trainer does); the next good step must be taken, exactly
+    as a fresh run at the backed-off scale takes it."""
+    model = make_model(30)
+    opt = MarbleOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), nonfinite="propagate")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, backoff_factor=0.5, growth_interval=1000)
+    ref_model = copy.deepcopy(model)
+    ref_opt = MarbleOptimizer(torch.optim.AdamW(ref_model.parameters(), lr=1e-2), nonfinite="propagate")
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**9, growth_interval=1000)
+
+    report = opt.backward({k: scaler.scale(v) for k, v in _overflowing(model).items()})
+    assert report.skipped
+    scaler.step(opt)  # sees the NaN gradients: does not call opt.step()
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9 and opt.num_steps == 0
+    model.zero_grad()  # not opt.zero_grad()
+
+    before = [p.detach().clone() for p in model.parameters()]
+    report = opt.backward({k: scaler.scale(v) for k, v in objectives(model).items()})
+    scaler.step(opt)
+    scaler.update()
+    assert not report.skipped
+    assert opt.num_steps == 1
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+    ref_opt.backward({k: ref_scaler.scale(v) for k, v in objectives(ref_model).items()})
+    ref_scaler.step(ref_opt)
+    assert_same_params(ref_model, model)
+    assert opt.weights == ref_opt.weights
+
+
+@pytest.mark.parametrize("clear", ["model.zero_grad", "grad=None"])
+def test_step_with_losses_after_a_stale_skip_steps(clear: str) -> None:
+    model = make_model(31)
+    opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), nonfinite="propagate")
+    assert opt.backward(_overflowing(model)).skipped  # its step() never comes
+    if clear == "model.zero_grad":
+        model.zero_grad()
+    else:
+        for p in model.parameters():
+            p.grad = None
+    before = [p.detach().clone() for p in model.parameters()]
+    report = opt.step(objectives(model))
+    assert not report.skipped
+    assert opt.num_steps == 1
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("policy", ["skip", "propagate"])
+def test_step_with_losses_never_reports_a_step_it_did_not_take(policy: str) -> None:
+    """A skipped micro-batch whose gradients were not cleared skips the accumulation's step:
+    step(losses) must then say skipped, not return skipped=False without stepping."""
+    model = make_model(32)
+    opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), nonfinite=policy)
+    opt.zero_grad()
+    assert opt.backward(_overflowing(model)).skipped
+    before = [p.detach().clone() for p in model.parameters()]
+    report = opt.step(objectives(model))
+    assert report.skipped and "earlier in this accumulation" in report.reason
+    assert opt.num_steps == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    # The skip is consumed: the next accumulation steps.
+    opt.zero_grad()
+    assert not opt.step(objectives(model)).skipped and opt.num_steps == 1
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_run() -> None:
+    model = make_model(33)
+    opt = MarbleOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    opt.zero_grad()
+    opt.step(objectives(model))
+    calls: list[str] = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd-pre") or None)
+
+    def sd_post(o, sd):
+        calls.append("sd-post")
+        assert o is opt and "marble" in sd
+        return {**sd, "tag": 1}
+
+    opt.register_state_dict_post_hook(sd_post)
+    sd = opt.state_dict()
+    assert calls == ["sd-pre", "sd-post"] and sd["tag"] == 1
+
+    def load_pre(o, sd):
+        calls.append("load-pre")
+        out = dict(sd)
+        out.pop("tag")  # the replaced dict is the one loaded
+        out["marble"] = {**out["marble"], "num_steps": 41}
+        return out
+
+    opt2 = MarbleOptimizer(torch.optim.AdamW(make_model(33).parameters(), lr=1e-2))
+    opt2.register_load_state_dict_pre_hook(load_pre)
+    opt2.register_load_state_dict_post_hook(lambda o: calls.append(f"load-post:{o.num_steps}"))
+    opt2.load_state_dict(sd)
+    assert calls[2:] == ["load-pre", "load-post:41"]
+
+
+def test_torch_recipe_loads_a_state_dict_with_another_parameter_order() -> None:
+    """torch's recipe (Optimizer.load_state_dict docs): a load_state_dict pre-hook maps the
+    saved state onto this optimizer's parameters by ``param_names``."""
+    model = make_model(34)
+    opt = MarbleOptimizer(torch.optim.AdamW(model.named_parameters(), lr=1e-2))
+    for i in range(2):
+        opt.zero_grad()
+        opt.step(objectives(model, _batch(i)))
+    saved = copy.deepcopy(opt.state_dict())
+    model2 = copy.deepcopy(model)
+    opt2 = MarbleOptimizer(torch.optim.AdamW(list(model2.named_parameters())[::-1], lr=1e-2))
+
+    def adapt_state_dict_ids(optimizer, state_dict):
+        adapted = copy.deepcopy(optimizer.state_dict())
+        group, saved_group = adapted["param_groups"][0], state_dict["param_groups"][0]
+        for key, value in saved_group.items():
+            if key not in ("params", "param_names"):
+                group[key] = value
+        lookup = dict(zip(saved_group["param_names"], saved_group["params"]))
+        adapted["state"] = {
+            pid: copy.deepcopy(state_dict["state"][lookup[name]])
+            for pid, name in zip(group["params"], group["param_names"])
+        }
+        adapted["marble"] = state_dict["marble"]
+        return adapted
+
+    opt2.register_load_state_dict_pre_hook(adapt_state_dict_ids)
+    opt2.load_state_dict(saved)
+    named2 = dict(model2.named_parameters())
+    for name, p in model.named_parameters():
+        assert_same_tree(opt2.state[named2[name]], opt.state[p])
+    assert opt2.weights == opt.weights and opt2.num_steps == opt.num_steps == 2
+    opt.zero_grad()
+    opt.step(objectives(model, _batch(2)))
+    opt2.zero_grad()
+    opt2.step(objectives(model2, _batch(2)))
+    for name, p in model.named_parameters():  # the Gram sums in another order: not bit for bit
+        torch.testing.assert_close(named2[name], p, rtol=1e-6, atol=1e-7)
+
+
+def test_step_hooks_see_the_balanced_gradient_and_skip_skipped_steps() -> None:
+    model = make_model(35)
+    params = params_of(model)
+    inner = torch.optim.SGD(params, lr=0.1)
+    opt = MarbleOptimizer(inner, nonfinite="skip")
+    seen: dict[str, list] = {"pre": [], "inner": [], "post": []}
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen["pre"].append(flat_grad(params).clone()))
+    inner.register_step_pre_hook(lambda o, args, kwargs: seen["inner"].append(flat_grad(params).clone()))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen["post"].append(o.num_steps))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # patches opt.step
+    opt.zero_grad()
+    report = opt.step(objectives(model))
+    sched.step()
+    assert not report.skipped
+    assert len(seen["pre"]) == len(seen["inner"]) == 1
+    assert seen["pre"][0].abs().sum() > 0 and torch.equal(seen["pre"][0], seen["inner"][0])
+    assert seen["post"] == [1]  # after the commit
+    opt.zero_grad()
+    bad = objectives(model)
+    bad["mid"] = bad["mid"] * float("nan")
+    assert opt.step(bad).skipped
+    assert len(seen["pre"]) == 1 and seen["post"] == [1]
+    assert inner.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_step_pre_hook_may_replace_the_closure() -> None:
+    model = make_model(36)
+    opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    called = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": lambda: called.append(1) or 0.5}))
+    opt.zero_grad()
+    opt.backward(objectives(model))
+    assert opt.step() == 0.5 and called == [1]
+
+
+def test_a_complex_loss_is_refused_by_name(setup) -> None:
+    model, opt = setup
+    losses = objectives(model)
+    losses["mid"] = torch.complex(losses["mid"], losses["mid"])
+    with pytest.raises(ValueError, match=r"loss 'mid' is complex \(torch.complex64\)"):
+        opt.backward(losses)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gram_params_frozen_after_construction_is_refused_by_name() -> None:
+    model = make_model(37)
+    opt = MarbleOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), gram="params", gram_params=list(model.trunk.parameters())
+    )
+    model.trunk[0].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"gram_params\[1\] \(shape \(8,\)\) does not require grad"):
+        opt.backward(objectives(model))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("value", [np.float32(0.5), np.float64(0.25), np.float16(0.5), np.int64(0)])
+def test_ema_decay_accepts_numpy_scalars(value) -> None:
+    model = make_model()
+    opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ema_decay=value)
+    assert opt.ema_decay == float(value) and type(opt.ema_decay) is float
+    opt.ema_decay = value
+    assert opt.ema_decay == float(value)
+
+
+@pytest.mark.parametrize("value", [np.bool_(False), True, np.float32(1.0), np.float64(-0.1), np.float32("nan")])
+def test_ema_decay_still_refuses_bools_and_out_of_range(value) -> None:
+    model = make_model()
+    with pytest.raises(ValueError, match="ema_decay must be a float in"):
+        MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), ema_decay=value)
+    opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="ema_decay must be a float in"):
+        opt.ema_decay = value

@@ -117,7 +117,9 @@ def test_group_advantages_match_the_reference(data, global_std, eps):
 
 
 @settings(max_examples=100, deadline=None)
-@given(rewards_and_groups, st.booleans(), st.floats(0.5, 8.0), st.floats(-10.0, 10.0), st.randoms(use_true_random=False))
+@given(
+    rewards_and_groups, st.booleans(), st.floats(0.5, 8.0), st.floats(-10.0, 10.0), st.randoms(use_true_random=False)
+)
 def test_group_advantages_properties(data, global_std, scale, shift, rnd):
     r, g = torch.tensor(data[0]), torch.tensor(data[1])
     a = group_advantages({"a": r}, g, global_std=global_std, eps=0.0)["a"]
@@ -261,7 +263,10 @@ def test_chained_helpers_leave_samples_with_nan_rewards_out_of_that_reward():
     (SPEC); the same samples still count for the other rewards."""
     v, v_old, x0, x_t, t, _ = nft_problem(batch=8)
     gen = torch.Generator().manual_seed(3)
-    rewards = {"ocr": torch.randn(8, generator=gen, dtype=torch.float64), "bright": torch.randn(8, generator=gen, dtype=torch.float64)}
+    rewards = {
+        "ocr": torch.randn(8, generator=gen, dtype=torch.float64),
+        "bright": torch.randn(8, generator=gen, dtype=torch.float64),
+    }
     applies = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1], dtype=torch.bool)
     rewards["ocr"] = torch.where(applies, rewards["ocr"], torch.full_like(rewards["ocr"], NAN))
     groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
@@ -270,7 +275,9 @@ def test_chained_helpers_leave_samples_with_nan_rewards_out_of_that_reward():
     assert torch.equal(masks["ocr"], applies) and bool(masks["bright"].all())
     out = nft_losses(v, v_old, x0, x_t, t, adv, masks=masks)
     keep = applies.nonzero().squeeze(1)
-    sub = nft_losses(v[keep], v_old[keep], x0[keep], x_t[keep], t[keep], {"ocr": adv["ocr"][keep].double()}).losses["ocr"]
+    sub = nft_losses(v[keep], v_old[keep], x0[keep], x_t[keep], t[keep], {"ocr": adv["ocr"][keep].double()}).losses[
+        "ocr"
+    ]
     torch.testing.assert_close(out.losses["ocr"], sub)
     g = grad_v(out.losses["ocr"], v)
     assert torch.equal(g[~applies], torch.zeros_like(g[~applies]))
@@ -337,8 +344,9 @@ class ToyFlow(nn.Module):
 
     def __init__(self, dim: int = 4, width: int = 32) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, dim))
+        self.net = nn.Sequential(
+            nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, dim)
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([x, t[:, None]], dim=1))

@@ -501,3 +501,73 @@ def test_scratch_buffers_are_reused_but_not_copied(gram):
     r1, r2 = run(model, opt, data), run(model2, opt2, data)
     np.testing.assert_allclose(as_array(r2.loss_weights), as_array(r1.loss_weights), rtol=1e-12)
     torch.testing.assert_close(flat_grad(model2), flat_grad(model))
+
+
+class EmbeddingNet(nn.Module):
+    """A sparse (or dense) embedding, a tanh trunk and two heads."""
+
+    def __init__(self, sparse: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 4, sparse=sparse)
+        self.trunk = nn.Linear(4, 4)
+        self.heads = nn.Linear(4, 2)
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z = torch.tanh(self.trunk(self.emb(idx)))
+        out = self.heads(z)
+        return z, {"a": (out[:, 0] - 1.0).pow(2).mean(), "b": (out[:, 1] + 1.0).pow(2).mean()}
+
+
+@pytest.mark.parametrize("gram", SOURCES)
+@pytest.mark.parametrize("existing_grads", [False, True])
+def test_sparse_gradients_are_refused_by_name_before_anything_changes(gram, existing_grads):
+    model = EmbeddingNet(sparse=True)
+    kw = {"gram_params": list(model.trunk.parameters())} if gram == "params" else {}
+    opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gram=gram, **kw)
+    if existing_grads:
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.5)
+    before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    z, losses = model(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"parameter #0 \(shape \(10, 4\)\) a sparse gradient .*sparse=False"):
+        opt.backward(losses, **({"shared": z} if gram == "shared" else {}))
+    for p, g in zip(model.parameters(), before):
+        assert (p.grad is None and g is None) or (p.grad.layout == torch.strided and torch.equal(p.grad, g))
+    # the same model with a dense embedding trains
+    dense = EmbeddingNet(sparse=False)
+    kw = {"gram_params": list(dense.trunk.parameters())} if gram == "params" else {}
+    opt = MarbleOptimizer(torch.optim.SGD(dense.parameters(), lr=0.1), gram=gram, **kw)
+    z, losses = dense(torch.tensor([1, 2, 3]))
+    assert not opt.step(losses, **({"shared": z} if gram == "shared" else {})).skipped
+
+
+def test_shared_under_torch_compile_of_the_whole_model_points_the_right_way():
+    """``torch.compile`` of a model returning ``(z, heads(z))``: the returned z is a graph
+    output, not the heads' input, so the losses do not reach it. The error says so and how
+    to fix it; compiling the trunk and the heads separately works."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.trunk, self.heads = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            z = torch.tanh(self.trunk(x))
+            return z, self.heads(z)
+
+    model = Model()
+    opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gram="shared")
+    x = torch.randn(8, 4)
+    z, out = torch.compile(model, backend="aot_eager")(x)
+    losses = {"a": out[:, 0].pow(2).mean(), "b": out[:, 1].pow(2).mean()}
+    with pytest.raises(ValueError, match=r"not on the graph of any loss") as err:
+        opt.backward(losses, shared=z)
+    message = str(err.value)
+    assert "the losses were computed from" in message and "compile the trunk and the heads separately" in message
+    assert "gram='params' or 'exact'" in message and "trunk's output" not in message
+    z = torch.tanh(model.trunk(x))  # the fix: z is the heads' input
+    out = torch.compile(model.heads, backend="aot_eager")(z)
+    report = opt.backward({"a": out[:, 0].pow(2).mean(), "b": out[:, 1].pow(2).mean()}, shared=z)
+    assert not report.skipped and report.gram is not None

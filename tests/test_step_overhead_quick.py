@@ -46,7 +46,11 @@ def _tables(text: str) -> list[dict[str, list[str]]]:
 def report(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("bench") / "step_overhead.md"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=240, cwd=ROOT
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text(encoding="utf-8")
@@ -56,7 +60,7 @@ def report(tmp_path_factory) -> str:
 
 def test_time_table_has_every_method_and_k(report):
     bench = _load()
-    times, targets, memory, fidelity = _tables(report)
+    times, targets, memory, fidelity, *_ = _tables(report)
     ks = [f"K={k}" for k in bench.QUICK.ks]
     assert times["__header__"] == ["method", *ks]
     labels = [label for label, _, unit in bench.methods(bench.QUICK.refresh) if unit == 1]
@@ -77,7 +81,7 @@ def test_time_table_has_every_method_and_k(report):
 
 def test_memory_table_shows_the_gradient_buffers(report):
     bench = _load()
-    _, _, memory, _ = _tables(report)
+    _, _, memory, _, *_ = _tables(report)
     for i, _k in enumerate(bench.QUICK.ks):
         mb = {m: float(cells[i]) for m, cells in memory.items() if m != "__header__"}
         assert mb[bench.EXACT] > mb[bench.PLAIN]  # the K×N buffer
@@ -86,7 +90,7 @@ def test_memory_table_shows_the_gradient_buffers(report):
 
 def test_fidelity_table(report):
     bench = _load()
-    *_, fidelity = _tables(report)
+    fidelity = _tables(report)[3]
     sources = {label for label, _, _ in bench.FIDELITY_SOURCES}
     assert sources | {"refresh_every=4", "exact (reference)", "(baseline) plain sum Σ L_k"} <= set(fidelity)
     for source, cells in fidelity.items():
@@ -117,3 +121,22 @@ def test_peak_extra_bytes_counts_what_a_step_allocates():
 
     peak = bench.peak_extra_bytes(step, None, torch.device("cpu"))
     assert 2.5 * 2**20 <= peak < 2.6 * 2**20
+
+
+def test_mlp_tables_have_ratios_and_host_syncs(report):
+    """The small-step MLP cases: baseline first at 1.000×, every source with a ratio and a
+    host-sync count; on CPU the baselines make no round trip and a MARBLE step at least one
+    (the loss values) and at most three."""
+    bench = _load()
+    mlp = _tables(report)[4:]
+    assert len(mlp) == len(bench.MLP_QUICK)
+    for table, case in zip(mlp, bench.MLP_QUICK):
+        assert table["__header__"] == ["method", "ms per step", "ratio", "host syncs per step"]
+        rows = [m for m in table if m != "__header__"]
+        baseline = bench.PLAIN if case.baseline == "plain" else bench.KPASS
+        assert rows == [baseline, *(f"marble {s}" for s in case.sources)]
+        assert table[baseline][1] == "1.000×" and table[baseline][2] == "0"
+        for method in rows[1:]:
+            ms, ratio, syncs = table[method]
+            assert float(ms) > 0 and re.fullmatch(r"\d+\.\d{3}×", ratio)
+            assert 1 <= int(syncs) <= 3, (method, syncs)

@@ -1,16 +1,50 @@
-"""Reference solutions and hard Gram matrices, for tests and benchmarks.
+"""Reference solutions, hard Gram matrices and flat gradients, for tests and benchmarks.
 
 ``reference_min_norm_weights`` solves the min-norm QP exactly by enumerating supports
 (K ≤ 10): independent of every solver in the package, it is the yardstick for them.
+``jacobian_rows`` and ``flat_grad`` build the per-objective gradients and ``p.grad`` as plain
+matrices, so a step can be recomputed by hand.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
+from torch import Tensor
 
-__all__ = ["GRAM_KINDS", "hard_gram", "min_norm_objective", "reference_min_norm_weights"]
+__all__ = [
+    "GRAM_KINDS",
+    "flat_grad",
+    "hard_gram",
+    "jacobian_rows",
+    "min_norm_objective",
+    "reference_min_norm_weights",
+]
+
+
+def flat_grad(params: Sequence[Tensor]) -> Tensor:
+    """``p.grad`` of every parameter, flattened and concatenated (zeros where ``None``):
+    shape (N,), N = Σ numel, float64 on the parameters' device."""
+    return torch.cat(
+        [(torch.zeros_like(p) if p.grad is None else p.grad).detach().reshape(-1).double() for p in params]
+    )
+
+
+def jacobian_rows(losses: Mapping[str, Tensor] | Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
+    """The K×N matrix whose row k is ``∇_inputs L_k`` flattened (zeros where a loss does not
+    reach an input), float64; ``inputs`` are parameters or any tensors on the graph (e.g. a
+    trunk's features). Graphs are kept, ``p.grad`` is not touched."""
+    values = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
+    rows = []
+    for loss in values:
+        grads = torch.autograd.grad(loss, list(inputs), retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat([(torch.zeros_like(x) if g is None else g).reshape(-1).double() for g, x in zip(grads, inputs)])
+        )
+    return torch.stack(rows)
 
 
 def min_norm_objective(gram: np.ndarray, alpha: np.ndarray) -> float:

@@ -159,7 +159,8 @@ def pretrain(
     Flow-matching loss ``‖v_θ(x_t, t, y) − (ε − x0)‖²`` with logit-normal t (t = σ(n), n ~ N(0, 1)),
     AdamW with a one-cycle schedule peaking at ``lr``, EMA of the weights. Runs on one CPU thread
     (``torch.set_num_threads(1)`` for the duration; restored after) and is bit-for-bit deterministic
-    given ``seed``: every random draw comes from one ``torch.Generator``.
+    given ``seed``: the initialisation is seeded with ``seed`` and every later random draw comes from
+    one ``torch.Generator``; the global torch RNG is left untouched.
     """
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -168,8 +169,9 @@ def pretrain(
         data = torch.from_numpy(images).reshape(-1, DIM) * 2.0 - 1.0
         targets = torch.from_numpy(labels)
         gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # parameter initialisation
-        model = DigitsFlow()
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation; the caller's RNG is left as it was
+            torch.manual_seed(seed)
+            model = DigitsFlow()
         ema = copy.deepcopy(model).requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)

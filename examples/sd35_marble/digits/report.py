@@ -17,7 +17,7 @@ import torch
 
 from .judge import DigitsJudge
 from .model import load_pretrained, sample, to_images
-from .rewards import DIGIT_REWARDS, REWARD_SUITES, trivial_image_check, trivial_image_table
+from .rewards import DIGIT_REWARDS, REWARD_SUITES, build_digits_rewards, trivial_image_check, trivial_image_table
 
 
 def model_samples(
@@ -39,6 +39,38 @@ def reward_stats(images: torch.Tensor, labels: torch.Tensor) -> dict[str, tuple[
     return out
 
 
+def selection_shift(
+    images: torch.Tensor, labels: torch.Tensor, suite: str, keep: float = 0.25
+) -> dict[str, dict[str, float]]:
+    """A cheap proxy for single-reward training (best-of-n): keep the top ``keep`` of each prompt's
+    samples by one reward (or by ``"z-mean"``, the mean of the within-prompt z-scores) and measure how
+    far every reward's mean moves, in within-prompt sd, averaged over the prompts both apply to.
+
+    Returns ``{selected by: {reward: shift}}``; positive = the reward improves.
+    """
+    rewards = build_digits_rewards(suite)
+    values = {r.name: r(images, labels) for r in rewards}
+    prompts = [labels == d for d in range(10)]
+
+    def z(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return (v[m] - v[m].mean()) / v[m].std()
+
+    out: dict[str, dict[str, float]] = {}
+    for by in [*values, "z-mean"]:
+        shifts: dict[str, list[float]] = {name: [] for name in values}
+        for m in prompts:
+            live = [v for v in values.values() if not torch.isnan(v[m]).all()]
+            if by != "z-mean" and torch.isnan(values[by][m]).all():
+                continue
+            score = torch.stack([z(v, m) for v in live]).mean(0) if by == "z-mean" else values[by][m]
+            top = score.argsort(descending=True)[: max(1, int(keep * int(m.sum())))]
+            for name, v in values.items():
+                if not torch.isnan(v[m]).all():
+                    shifts[name].append(float(z(v, m)[top].mean()))
+        out[by] = {name: sum(x) / len(x) if x else float("nan") for name, x in shifts.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=100, help="samples per digit and seed")
@@ -53,12 +85,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"seed {seed}: judge accuracy {judge.accuracy(images, labels):.4f} on {len(labels)} samples")
         stats[seed] = reward_stats(images, labels)
         tables[seed] = {suite: trivial_image_check(suite, images, labels) for suite in REWARD_SUITES}
+        if seed == args.seeds[0]:
+            shifts = {suite: selection_shift(images, labels, suite) for suite in REWARD_SUITES}
     print("\n| reward | digits | " + " | ".join(f"seed {s} mean | seed {s} sd" for s in args.seeds) + " |")
     print("|" + " --- |" * (2 + 2 * len(args.seeds)))
     for name, reward in DIGIT_REWARDS.items():
         cells = " | ".join(f"{stats[s][name][0]:.3f} | {stats[s][name][1]:.3f}" for s in args.seeds)
         digits = "all" if len(reward.digits) == 10 else ",".join(map(str, reward.digits))
         print(f"| {name} | {digits} | {cells} |")
+    for suite, table in shifts.items():
+        names = REWARD_SUITES[suite]
+        print(f"\n{suite}: keep the top 25 % of each prompt by the row's reward (model seed {args.seeds[0]});")
+        print("shift of each reward's mean in within-prompt sd:\n")
+        print("| kept by | " + " | ".join(names) + " |")
+        print("|" + " --- |" * (1 + len(names)))
+        for by, row in table.items():
+            print(f"| {by} | " + " | ".join("-" if row[n] != row[n] else f"{row[n]:+.2f}" for n in names) + " |")
     for seed in args.seeds:
         print(f"\ntrivial-image check, model seed {seed} (grey = 0.5):\n")
         print(trivial_image_table(tables[seed]))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .balance import MIN_GRAD_NORM, NORMALIZATIONS, combine_weights, cosine_matrix, objective_scales, update_cosines
 from .distributed import Collective
@@ -23,10 +28,34 @@ _NONFINITE_POLICIES = ("skip", "raise", "exclude", "propagate")
 
 
 def _check_ema_decay(value: Any) -> float:
-    """ρ as a float in [0, 1), or ``ValueError`` quoting the bad value."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    """ρ as a float in [0, 1), or ``ValueError`` quoting the bad value.
+
+    Any real number is accepted (Python or numpy scalars, e.g. a schedule computed with
+    numpy); bools and NaN are not."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
         raise ValueError(f"ema_decay must be a float in [0, 1), got {value!r}")
     return float(value)
+
+
+#: What a skipped backward saw of ``p.grad``: per parameter, None or (weak reference, version).
+_GradMark = tuple[tuple[weakref.ref, int] | None, ...]
+
+
+def _grad_mark(params: Sequence[Tensor]) -> _GradMark:
+    return tuple(None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params)
+
+
+def _same_grads(params: Sequence[Tensor], mark: _GradMark) -> bool:
+    """Whether every ``p.grad`` is the very tensor ``mark`` saw, not written to since."""
+    if len(params) != len(mark):
+        return False
+    for p, m in zip(params, mark):
+        if m is None or p.grad is None:
+            if (m is None) != (p.grad is None):
+                return False
+        elif m[0]() is not p.grad or p.grad._version != m[1]:
+            return False
+    return True
 
 
 class _Pending:
@@ -151,6 +180,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         self._last_raw: np.ndarray | None = None
         self._loss_weights: np.ndarray | None = None
         self._pending = _Pending()
+        self._skip_mark: _GradMark | None = None
         self.num_steps = 0
 
     # ---- the wrapped optimizer's objects, shared (never copied) -------------------------
@@ -183,6 +213,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         # but the solver's OSQP workspaces, which are rebuilt on demand.
         state = self.__dict__.copy()
         state["_solver"] = self._solver.solver
+        state["_skip_mark"] = None  # weak references: a restored skip is kept (it cannot be judged stale)
         # An LR scheduler replaces self.step by a wrapper bound to *this* object (unpicklable,
         # and a deepcopy would step the original); torch.optim.Optimizer never copies it.
         state.pop("step", None)
@@ -191,6 +222,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         state["_solver"] = MinNormSolver(state["_solver"])
+        state.setdefault("_skip_mark", None)
         self.__dict__.update(state)
         self._patch_step_function()
 
@@ -238,12 +270,14 @@ class MarbleOptimizer(torch.optim.Optimizer):
         self._last_raw = None
         self._loss_weights = None
         self._pending = _Pending()
+        self._skip_mark = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         # A new accumulation: forget a skipped backward whose step() never came (GradScaler
         # skips calling it on inf) and weights of micro-batches whose gradients are gone.
         self._pending = _Pending()
+        self._skip_mark = None
 
     def backward(
         self,
@@ -262,13 +296,41 @@ class MarbleOptimizer(torch.optim.Optimizer):
 
         Returns:
             A ``BalanceReport``. When it says ``skipped``, no gradient was written and the
-            next ``step()`` leaves parameters and optimizer state untouched.
+            next ``step()`` leaves parameters and optimizer state untouched. A skip whose
+            ``step()`` never came (``GradScaler`` does not call it on an overflow) is
+            forgotten once the gradients it saw are cleared or replaced by any means
+            (``zero_grad()`` of this optimizer or of the model, ``p.grad = None``), so it
+            never swallows the step of a later accumulation. (Under ``"skip"`` with no
+            gradient at all yet, clearing leaves nothing to see: call ``zero_grad()`` of
+            this optimizer, or ``step()``, after such a skip.)
         """
+        self._forget_stale_skip()
+        report = self._backward(losses, shared, extra)
+        if self._pending.skip:
+            self._skip_mark = _grad_mark(self._trainable_params())
+        return report
+
+    def _forget_stale_skip(self) -> None:
+        """Drop a skip whose gradients someone cleared or replaced since (a new accumulation)."""
+        if self._pending.skip and self._skip_mark is not None:
+            if not _same_grads(self._trainable_params(), self._skip_mark):
+                self._pending = _Pending()
+                self._skip_mark = None
+
+    def _backward(
+        self,
+        losses: Mapping[str, Tensor],
+        shared: Tensor | Sequence[Tensor] | None,
+        extra: Tensor | None,
+    ) -> BalanceReport:
         names, tensors = self._check_losses(losses)
         shared_list = self._check_shared(shared)
         self.source.check_shared(shared_list)  # on cached steps too, so errors do not depend on the step
         if extra is not None:
             extra = self._check_scalar("extra", extra)
+        gram_params = getattr(self.source, "gram_params", None)
+        if gram_params is not None:  # frozen since construction?
+            self._check_gram_params(self.optimizer, gram_params)
         params = self._trainable_params()
         local = [t.detach().double() for t in tensors] + ([extra.detach().double()] if extra is not None else [])
         # Under torch.distributed: the mean over ranks, non-finite on every rank if on any.
@@ -301,8 +363,14 @@ class MarbleOptimizer(torch.optim.Optimizer):
 
         Without: the wrapped optimizer's step on the gradients already in ``p.grad`` (the
         ``GradScaler`` / accelerate path), returning what it returns. Either way the step is
-        not taken if the last ``backward`` skipped; the smoothed weights advance only when
-        the wrapped step really runs.
+        not taken if a ``backward`` of this accumulation skipped (the returned report then
+        says ``skipped``); the smoothed weights advance only when the wrapped step really runs.
+
+        Step hooks (``register_step_pre_hook`` / ``register_step_post_hook``) run around the
+        wrapped step only: the pre-hook sees the balanced gradient in ``p.grad``, and neither
+        runs on a skipped step. They receive ``args=(self,)`` and ``kwargs`` holding the
+        ``closure`` if one was given. An LR scheduler still counts a skipped step (as with
+        ``GradScaler``); condition ``scheduler.step()`` on ``not report.skipped`` if it must not.
         """
         if callable(losses) and not isinstance(losses, Mapping):
             closure, losses = losses, None  # positional closure, as torch.optim passes it
@@ -315,14 +383,48 @@ class MarbleOptimizer(torch.optim.Optimizer):
             raise ValueError("shared= and extra= need losses: step(losses, shared=..., extra=...)")
         if self._pending.skip:
             self._pending = _Pending()
+            self._skip_mark = None
+            if report is not None and not report.skipped:
+                reason = "a backward() earlier in this accumulation skipped; no step was taken"
+                report = dataclasses.replace(report, skipped=True, reason=reason)
             return report
-        out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        self._commit()
+        out = self._hooked_step(closure)
         return report if losses is not None else out
+
+    # torch.optim.Optimizer would wrap ``step`` to run the step hooks around the whole call,
+    # before step(losses) has written the gradient and on skipped steps too: run them here.
+    step.hooked = True  # type: ignore[attr-defined]
+
+    def _hooked_step(self, closure: Callable[[], Any] | None) -> Any:
+        """The wrapped optimizer's step between this optimizer's step hooks, then the commit."""
+        args: tuple[Any, ...] = (self,)
+        kwargs: dict[str, Any] = {} if closure is None else {"closure": closure}
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+            for hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+                result = hook(self, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"step pre-hook {hook!r} must return None or (new_args, new_kwargs), got {result!r}"
+                        )
+                    args, kwargs = result
+            closure = kwargs.get("closure")
+            out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            self._commit()
+            for hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
+                hook(self, args, kwargs)
+        return out
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict plus a ``"marble"`` entry (tensors and scalars)."""
+        """The wrapped optimizer's state dict plus a ``"marble"`` entry (tensors and scalars).
+
+        Hooks registered with ``register_state_dict_pre_hook`` / ``_post_hook`` run as on any
+        torch optimizer (the post-hook sees, and may replace, the dict with its ``"marble"``
+        entry). A plain torch optimizer loading this dict ignores ``"marble"`` silently.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.optimizer.state_dict()
         sd["marble"] = {
             "names": list(self._names) if self._names is not None else None,
@@ -331,15 +433,32 @@ class MarbleOptimizer(torch.optim.Optimizer):
             "loss_weights": None if self._loss_weights is None else torch.from_numpy(self._loss_weights.copy()),
             "num_steps": int(self.num_steps),
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``; one without ``"marble"`` (a plain optimizer's) resets the weights.
+
+        ``register_load_state_dict_pre_hook`` hooks may replace the dict (e.g. torch's recipe
+        for another parameter order); ``_post_hook`` hooks run once everything is loaded.
+        """
         state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         marble = state_dict.pop("marble", None)
         self.optimizer.load_state_dict(state_dict)
         self.reset_weights()
-        if marble is None:
-            return
+        if marble is not None:
+            self._load_marble(marble)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_marble(self, marble: dict[str, Any]) -> None:
         names = marble.get("names")
         self._names = tuple(names) if names is not None else None
         ema = marble.get("ema")
@@ -372,7 +491,10 @@ class MarbleOptimizer(torch.optim.Optimizer):
                     f"gram_params[{i}] (shape {tuple(p.shape)}) is not a parameter of the wrapped optimizer"
                 )
             if not p.requires_grad:
-                raise ValueError(f"gram_params[{i}] (shape {tuple(p.shape)}) does not require grad")
+                raise ValueError(
+                    f"gram_params[{i}] (shape {tuple(p.shape)}) does not require grad: gram='params' measures G "
+                    "on it; unfreeze it, or build the optimizer with gram_params it can differentiate"
+                )
         return gram_params
 
     @staticmethod
@@ -381,6 +503,10 @@ class MarbleOptimizer(torch.optim.Optimizer):
             raise TypeError(f"loss {name!r} must be a torch.Tensor, got {type(value).__name__}: {value!r}")
         if value.numel() != 1:
             raise ValueError(f"loss {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if value.is_complex():
+            raise ValueError(
+                f"loss {name!r} is complex ({value.dtype}): losses must be real; pass e.g. its .real or .abs()"
+            )
         if not value.requires_grad:
             raise ValueError(
                 f"loss {name!r} = {float(value.detach())} does not require grad: it has no path to a "
@@ -476,7 +602,13 @@ class MarbleOptimizer(torch.optim.Optimizer):
             self.source.release()
             self._pending.skip = True
             return self._report(
-                names, values, gram=gram, norms=norms, excluded=excluded, skipped=True, status="skipped",
+                names,
+                values,
+                gram=gram,
+                norms=norms,
+                excluded=excluded,
+                skipped=True,
+                status="skipped",
                 reason="no objective has a finite, non-zero gradient",
             )
         scales = objective_scales(norms, values, valid, self.normalize, names)
@@ -495,8 +627,15 @@ class MarbleOptimizer(torch.optim.Optimizer):
         applied = np.where(valid, smoothed, 0.0)
         applied = applied / applied.sum()
         return self._report(
-            names, values, weights=applied, raw=raw, loss_weights=w, gram=gram, norms=norms,
-            excluded=excluded, status=status,
+            names,
+            values,
+            weights=applied,
+            raw=raw,
+            loss_weights=w,
+            gram=gram,
+            norms=norms,
+            excluded=excluded,
+            status=status,
         )
 
     def _commit(self) -> None:

@@ -352,9 +352,7 @@ class MinNormSolver:
         k = g.shape[0]
         p = g + 1e-12 * np.eye(k) if name in _NEEDS_PD else g
         try:
-            x = qpsolvers.solve_qp(
-                p, np.zeros(k), A=np.ones((1, k)), b=np.ones(1), lb=np.zeros(k), solver=name
-            )
+            x = qpsolvers.solve_qp(p, np.zeros(k), A=np.ones((1, k)), b=np.ones(1), lb=np.zeros(k), solver=name)
         except Exception:  # a backend failure is handled by the fallback chain
             return None
         return None if x is None or not np.isfinite(x).all() else np.asarray(x, dtype=np.float64)

@@ -158,16 +158,24 @@ def combined_backward(
         return True
     if in_place and any(p.grad is not None for p in params):
         torch.autograd.backward(total, inputs=list(params))
+        _require_dense([p.grad for p in params], "the combined loss")
         return all_finite([p.grad for p in params if p.grad is not None])
     if all(p.grad is None for p in params):
         torch.autograd.backward(total, inputs=list(params))
         new = [p.grad for p in params if p.grad is not None]
+        try:
+            _require_dense([p.grad for p in params], "the combined loss")
+        except ValueError:
+            for p in params:
+                p.grad = None
+            raise
         if all_finite(new):
             return True
         for p in params:
             p.grad = None
         return False
     grads = torch.autograd.grad(total, list(params), allow_unused=True)
+    _require_dense(grads, "the combined loss")
     if not all_finite([g for g in grads if g is not None]):
         return False
     _accumulate(params, grads)
@@ -190,12 +198,14 @@ def _grads_of(loss: Tensor, inputs: Sequence[Tensor], *, retain_graph: bool) -> 
 
 
 def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], numels: Sequence[int]) -> None:
-    """Write the flattened ``grads`` (zeros for None) into the 1-D ``row`` (N,)."""
-    for seg, g in zip(row.split(list(numels)), grads):
-        if g is None:
-            seg.zero_()
-        else:
-            seg.copy_(g.reshape(-1))
+    """Write the flattened ``grads`` (zeros for None) into the 1-D ``row`` (N,), converting to
+    ``row``'s dtype: one ``torch.cat`` into it (measured, 58 parameters: 110 µs against 180 µs
+    for a ``copy_`` per parameter)."""
+    if any(g is None for g in grads):
+        parts = [row.new_zeros(n) if g is None else g.reshape(-1) for g, n in zip(grads, numels)]
+    else:
+        parts = [g.reshape(-1) for g in grads]
+    torch.cat(parts, out=row)
 
 
 class GramSource(abc.ABC):
@@ -259,6 +269,17 @@ class GramSource(abc.ABC):
 def _require_path(grads: Sequence[Tensor | None], name: str, what: str) -> None:
     if all(g is None for g in grads):
         raise ValueError(f"loss {name!r} has no path to {what}: its gradient there is undefined")
+    _require_dense(grads, f"loss {name!r}")
+
+
+def _require_dense(grads: Sequence[Tensor | None], what: str) -> None:
+    """``ValueError`` naming the first sparse gradient (index into ``grads``, shape, layout)."""
+    for i, g in enumerate(grads):
+        if g is not None and g.layout != torch.strided:
+            raise ValueError(
+                f"{what} gives parameter #{i} (shape {tuple(g.shape)}) a sparse gradient ({g.layout}), e.g. from "
+                "nn.Embedding(sparse=True): MarbleOptimizer needs dense gradients; build that module with sparse=False"
+            )
 
 
 def _grad_dtype(params: Sequence[Tensor]) -> torch.dtype:
@@ -287,7 +308,10 @@ class ExactSource(GramSource):
 
     The buffer is reused from step to step (it coexists with the retained graph during the
     K backward passes anyway, so keeping it does not raise the peak); the update is
-    ``wᵀ·buffer``, one pass over it, with no further backward.
+    ``wᵀ·buffer``, one pass over it, with no further backward. Without an ``extra`` loss the
+    update is proven finite from G (``_finite_combination``), so it is never read again.
+    (Keeping the K per-parameter gradient sets instead of copying them into the buffer was
+    slower on CPU: fresh multi-MB allocations every step are paid in page faults.)
     """
 
     name = "exact"
@@ -296,6 +320,7 @@ class ExactSource(GramSource):
         self._buffer: Tensor | None = None  # this step's gradients (None outside a step)
         self._storage: Tensor | None = None  # kept between steps
         self._used: list[bool] = []  # which parameters this step's losses reach
+        self._norms: np.ndarray | None = None  # ‖g_k‖ (K,) from this step's G
 
     def gram(self, losses, names, params, shared, *, keep_graph):
         self.check_shared(shared)
@@ -312,7 +337,9 @@ class ExactSource(GramSource):
             del grads
         self._used = used
         self._buffer = self.comm.mean_(buf)  # autograd.grad bypasses DDP: average across ranks here
-        return self._gram(buf)
+        gram = self._gram(buf)
+        self._norms = np.sqrt(np.diag(gram))  # proves apply()'s update finite without reading it
+        return gram
 
     def apply(self, w, losses, params, extra):
         buf = self._buffer
@@ -334,7 +361,11 @@ class ExactSource(GramSource):
             _flatten_add(direction, extra_grads, numels)
             used = [u or g is not None for u, g in zip(used, extra_grads)]
             self.comm.mean_(direction)  # extra's gradient is local; the rest is already the mean
-        if not all_finite([direction]):
+        # Without ``extra``, G proves the update finite (no pass over it, no device sync): the
+        # combined rows have a finite ‖g_k‖, so finite entries, and |d_i| ≤ Σ_k |w_k| ‖g_k‖.
+        norms = self._norms
+        proven = extra is None and norms is not None and _finite_combination(w[idx], norms[idx], buf.dtype)
+        if not proven and not all_finite([direction]):
             return False
         if self.comm.active:  # ranks may differ in which parameters they reach
             used = [True] * len(params)
@@ -345,6 +376,16 @@ class ExactSource(GramSource):
 
     def release(self):
         self._buffer = None
+
+
+def _finite_combination(w: np.ndarray, norms: np.ndarray, dtype: torch.dtype) -> bool:
+    """Whether ``Σ_k w_k g_k`` is certainly finite in ``dtype``, knowing only ``‖g_k‖`` (float64):
+    every ``‖g_k‖`` finite (so every entry of ``g_k`` is) and the bound ``Σ_k |w_k| ‖g_k‖`` on
+    every entry of the sum below half the largest finite value of ``dtype`` (a margin far
+    above the rounding of K multiply-adds and of ``w_k`` to ``dtype``)."""
+    if not len(w):
+        return True
+    return bool(np.isfinite(norms).all()) and float(np.abs(w) @ norms) < 0.5 * torch.finfo(dtype).max
 
 
 def _flatten_add(flat: Tensor, grads: Sequence[Tensor | None], numels: Sequence[int]) -> None:
@@ -429,8 +470,10 @@ class SharedSource(GramSource):
         for i, z in enumerate(shared):
             if not reached[i]:
                 raise ValueError(
-                    f"shared[{i}] (shape {tuple(z.shape)}) is not on the graph of any loss: pass the tensor "
-                    "the losses were computed from (e.g. the trunk's output), not a copy or a recomputation"
+                    f"shared[{i}] (shape {tuple(z.shape)}) is not on the graph of any loss: it must be the very "
+                    "tensor the losses were computed from (the heads' input), not a copy or a recomputation. Under "
+                    "torch.compile a returned z is a graph output, not the heads' input: compile the trunk and the "
+                    "heads separately, or use gram='params' or 'exact'"
                 )
         if blind:
             raise ValueError(

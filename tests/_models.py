@@ -1,0 +1,97 @@
+"""Toy models and objectives shared by the property suite (small: a step takes milliseconds)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from marble_opt import MarbleOptimizer
+
+#: Every Gram source, normalisation, refresh interval and non-finite policy the suite runs over.
+SOURCES = ("exact", "exact-lean", "shared", "params")
+NORMALIZATIONS = ("l2", "none", "loss", "loss+l2")
+REFRESH = (1, 3)
+POLICIES = ("skip", "raise", "exclude", "propagate")
+NAMES = ("a", "b", "c")
+
+
+class TrunkHeads(nn.Module):
+    """``z = tanh(W x + b)`` shared by three linear heads; ``forward`` returns ``(z, heads)``."""
+
+    def __init__(self, d_in: int = 4, width: int = 5) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(d_in, width), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in NAMES)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        z = self.trunk(x)
+        return z, [head(z).squeeze(-1) for head in self.heads]
+
+
+@dataclass
+class Batch:
+    x: Tensor
+    t: Tensor
+
+
+def batch(seed: int, n: int = 8) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.randn(n, 4, generator=g), torch.randn(n, 3, generator=g))
+
+
+def model(seed: int) -> TrunkHeads:
+    torch.manual_seed(seed)
+    return TrunkHeads()
+
+
+def objectives(net: TrunkHeads, data: Batch) -> tuple[dict[str, Tensor], Tensor]:
+    """Three positive losses on different scales (``normalize="loss"`` needs L > 0) and the
+    shared features they are computed from."""
+    z, (ya, yb, yc) = net(data.x)
+    losses = {
+        "a": 10.0 * ((ya - data.t[:, 0]) ** 2).mean() + 0.1,
+        "b": (yb - data.t[:, 1]).abs().mean() + 0.1,
+        "c": 0.1 * ((yc - data.t[:, 2] + ya) ** 2).mean() + 0.1,
+    }
+    return losses, z
+
+
+def gram_inputs(net: TrunkHeads, gram: str, z: Tensor) -> list[Tensor]:
+    """What ``gram`` measures G on: every parameter, the features ``z`` or ``gram_params``."""
+    if gram == "shared":
+        return [z]
+    if gram == "params":
+        return list(net.trunk.parameters())
+    return list(net.parameters())
+
+
+def optimizer(
+    net: TrunkHeads,
+    gram: str,
+    *,
+    normalize: str = "l2",
+    refresh_every: int = 1,
+    nonfinite: str = "skip",
+    ema_decay: float = 0.0,
+    base: str = "adamw",
+) -> MarbleOptimizer:
+    inner = (
+        torch.optim.AdamW(net.parameters(), lr=1e-2)
+        if base == "adamw"
+        else torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    )
+    return MarbleOptimizer(
+        inner,
+        gram=gram,
+        gram_params=list(net.trunk.parameters()) if gram == "params" else None,
+        normalize=normalize,
+        refresh_every=refresh_every,
+        nonfinite=nonfinite,
+        ema_decay=ema_decay,
+    )
+
+
+def shared_kw(gram: str, z: Tensor) -> dict[str, Tensor]:
+    return {"shared": z} if gram == "shared" else {}

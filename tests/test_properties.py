@@ -1,0 +1,233 @@
+"""The optimizer's contract, run over every Gram source × normalisation × refresh interval ×
+non-finite policy where the combination is meaningful. Assertions live in tests/_asserts.py,
+models in tests/_models.py."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from _asserts import (
+    assert_grad_is_weighted_sum,
+    assert_matches_reference,
+    assert_non_conflicting,
+    assert_report_tells_the_truth,
+    assert_same_tree,
+    assert_untouched,
+    snapshot,
+    vec,
+)
+from _models import (
+    NORMALIZATIONS,
+    POLICIES,
+    REFRESH,
+    SOURCES,
+    batch,
+    gram_inputs,
+    model,
+    objectives,
+    optimizer,
+    shared_kw,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from marble_opt.testing import flat_grad, jacobian_rows
+
+_SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+@pytest.mark.parametrize("gram", SOURCES)
+@_SETTINGS
+@given(seed=st.integers(0, 10_000))
+def test_first_step_equals_the_hand_computed_reference_and_conflicts_with_no_objective(
+    gram: str, normalize: str, seed: int
+) -> None:
+    net = model(seed)
+    opt = optimizer(net, gram, normalize=normalize)
+    losses, z = objectives(net, batch(seed))
+    rows_g = jacobian_rows(losses, gram_inputs(net, gram, z))
+    params = list(net.parameters())
+    rows_full = jacobian_rows(losses, params)
+    report = opt.backward(losses, **shared_kw(gram, z))
+    assert not report.skipped and report.solved
+    assert_matches_reference(report, params, rows_g, rows_full, normalize)
+    assert_non_conflicting(report, rows_g, normalize)
+    assert_grad_is_weighted_sum(params, rows_full, vec(report.loss_weights, report.names))
+
+
+def _poison(losses: dict[str, torch.Tensor], z: torch.Tensor, names: tuple[str, ...], kind: str) -> dict:
+    """``kind="loss"``: those losses are NaN; ``"grad"``: finite, with a NaN gradient (√ at 0)."""
+    out = dict(losses)
+    for n in names:
+        out[n] = out[n] * float("nan") if kind == "loss" else out[n] + torch.sqrt(0.0 * z.sum())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+@pytest.mark.parametrize("refresh_every", REFRESH)
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("gram", SOURCES)
+def test_a_skipped_step_leaves_everything_untouched(gram: str, policy: str, refresh_every: int, kind: str) -> None:
+    """After one real step (so the next is a cached one for refresh_every=3), a micro-batch
+    accumulates, then a poisoned one (every objective for "exclude") skips: parameters,
+    p.grad (NaN for "propagate"), optimizer state, weights and step count stay bit-identical
+    through the backward and the step() that follows; "raise" raises before anything changes."""
+    net = model(3)
+    params = list(net.parameters())
+    opt = optimizer(net, gram, refresh_every=refresh_every, nonfinite=policy, ema_decay=0.5)
+    losses, z = objectives(net, batch(0))
+    opt.step(losses, **shared_kw(gram, z))
+    opt.zero_grad()
+    losses, z = objectives(net, batch(1))
+    opt.backward(losses, **shared_kw(gram, z))
+    before = snapshot(params, opt)
+    losses, z = objectives(net, batch(2))
+    bad = _poison(losses, z, ("a", "b", "c") if policy == "exclude" else ("b",), kind)
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            opt.backward(bad, **shared_kw(gram, z))
+        assert_untouched(before, params, opt, nan_grads=False)
+        return
+    report = opt.backward(bad, **shared_kw(gram, z))
+    assert report.skipped and report.reason
+    assert_untouched(before, params, opt, nan_grads=policy == "propagate")
+    assert opt.step() is None
+    assert_untouched(before, params, opt, nan_grads=policy == "propagate")
+
+
+@pytest.mark.parametrize("refresh_every", REFRESH)
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+@pytest.mark.parametrize("gram", SOURCES)
+def test_an_excluded_objective_is_left_out_of_solved_and_cached_steps(
+    gram: str, normalize: str, refresh_every: int
+) -> None:
+    net = model(5)
+    params = list(net.parameters())
+    opt = optimizer(net, gram, normalize=normalize, refresh_every=refresh_every, nonfinite="exclude", ema_decay=0.5)
+    last: dict[str, float] = {}
+    for i in range(2):  # a solved step, then (refresh_every=3) a cached one
+        opt.zero_grad()
+        losses, z = objectives(net, batch(10 + i))
+        rows_full = jacobian_rows(losses, params)
+        before = [p.detach().clone() for p in params]
+        # Then one the last step weighted (a cached step reuses those weights): the least of
+        # two or more; if it weighted only one, a cached step without it has nothing left.
+        positive = sorted((n for n, v in last.items() if v > 0), key=last.get)
+        bad = positive[0] if last else "b"
+        cached = i == 1 and refresh_every > 1
+        report = opt.step(_poison(losses, z, (bad,), "loss"), **shared_kw(gram, z))
+        if cached and len(positive) == 1:
+            assert report.skipped and "no usable objective" in report.reason
+            assert all(torch.equal(p, q) for p, q in zip(params, before))
+            continue
+        assert not report.skipped
+        assert report.excluded == (bad,)
+        assert report.solved == (i == 0 or refresh_every == 1)
+        w = vec(report.loss_weights, report.names)
+        assert report.loss_weights[bad] == 0.0 and w.sum() > 0
+        assert sum(report.weights.values()) == pytest.approx(1.0) and report.weights[bad] == 0.0
+        assert_grad_is_weighted_sum(params, rows_full, w)
+        assert opt.num_steps == i + 1
+        last = report.loss_weights
+        assert any(not torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("refresh_every", REFRESH)
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+@pytest.mark.parametrize("gram", SOURCES)
+def test_resume_is_bit_for_bit(gram: str, normalize: str, refresh_every: int) -> None:
+    """state_dict after 2 steps → a new model and optimizer → the same next 3 steps, bit for bit."""
+    net = model(7)
+    opt = optimizer(net, gram, normalize=normalize, refresh_every=refresh_every, ema_decay=0.7)
+    reports = []
+    for i in range(5):
+        if i == 2:
+            saved_model, saved_opt = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+        opt.zero_grad()
+        losses, z = objectives(net, batch(20 + i))
+        reports.append(opt.step(losses, **shared_kw(gram, z)))
+    net2 = model(99)
+    opt2 = optimizer(net2, gram, normalize=normalize, refresh_every=refresh_every, ema_decay=0.7)
+    net2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    for i in range(2, 5):
+        opt2.zero_grad()
+        losses, z = objectives(net2, batch(20 + i))
+        report = opt2.step(losses, **shared_kw(gram, z))
+        assert report.loss_weights == reports[i].loss_weights
+        assert report.solved == reports[i].solved
+    for p, q in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(p, q)
+    assert opt2.weights == opt.weights
+    assert_same_tree(opt2.state_dict(), opt.state_dict())
+
+
+@pytest.mark.parametrize("refresh_every", REFRESH)
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+@pytest.mark.parametrize("gram", SOURCES)
+def test_gradient_accumulation(gram: str, normalize: str, refresh_every: int) -> None:
+    """Documented semantics: micro-batch backwards add ``Σ_k w_k g_k`` each (their own
+    weights) to p.grad; the step commits ρ·α_prev + (1-ρ)·mean of the solved micro-batches'
+    α* (none solved, on a cached step: α unchanged)."""
+    rho = 0.5
+    net = model(9)
+    params = list(net.parameters())
+    opt = optimizer(net, gram, normalize=normalize, refresh_every=refresh_every, ema_decay=rho, base="sgd")
+    losses, z = objectives(net, batch(30))
+    opt.step(losses, **shared_kw(gram, z))
+    prev = vec(opt.weights, opt.names)
+    opt.zero_grad()
+    expected = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    raws = []
+    for i in range(2):
+        losses, z = objectives(net, batch(31 + i, n=4))
+        rows_full = jacobian_rows(losses, params)
+        report = opt.backward(losses, **shared_kw(gram, z))
+        expected += torch.as_tensor(vec(report.loss_weights, report.names)) @ rows_full
+        if report.solved:
+            raws.append(vec(report.raw_weights, report.names))
+    assert len(raws) == (2 if refresh_every == 1 else 0)
+    torch.testing.assert_close(flat_grad(params), expected, rtol=1e-5, atol=1e-7)
+    opt.step()
+    committed = rho * prev + (1 - rho) * np.mean(raws, axis=0) if raws else prev
+    np.testing.assert_allclose(vec(opt.weights, opt.names), committed, atol=1e-12)
+    assert opt.num_steps == 2
+
+
+@pytest.mark.parametrize("refresh_every", REFRESH)
+@pytest.mark.parametrize("policy", ["skip", "exclude", "propagate"])
+@pytest.mark.parametrize("gram", SOURCES)
+def test_a_skip_whose_gradients_were_cleared_does_not_swallow_the_next_step(
+    gram: str, policy: str, refresh_every: int
+) -> None:
+    """A micro-batch, then a skipped one whose step() never comes (GradScaler on an
+    overflow); the loop clears gradients through the model. The next step(losses) is taken,
+    bit for bit as in a run that never saw the skip, and its report says so."""
+    runs = []
+    for stale in (True, False):
+        net = model(11)
+        params = list(net.parameters())
+        opt = optimizer(net, gram, refresh_every=refresh_every, nonfinite=policy, ema_decay=0.5)
+        losses, z = objectives(net, batch(40))
+        opt.step(losses, **shared_kw(gram, z))
+        opt.zero_grad()
+        if stale:
+            losses, z = objectives(net, batch(41))
+            opt.backward(losses, **shared_kw(gram, z))
+            losses, z = objectives(net, batch(42))
+            assert opt.backward(_poison(losses, z, ("a", "b", "c"), "loss"), **shared_kw(gram, z)).skipped
+            net.zero_grad()
+        before = snapshot(params, opt)
+        losses, z = objectives(net, batch(43))
+        report = opt.step(losses, **shared_kw(gram, z))
+        assert not report.skipped
+        assert_report_tells_the_truth(report, before, params, opt)
+        runs.append((params, opt.weights, opt.state_dict()))
+    (p1, w1, s1), (p2, w2, s2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert w1 == w2
+    assert_same_tree(s1, s2)
