@@ -17,8 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from marble_opt.rl import flow_sample
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -173,7 +176,7 @@ def test_plot_draws_reward_and_weight_curves(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_unknown_reward_exits_with_a_clear_error_before_training(tmp_path):
     out = tmp_path / "run"
-    proc = run("--rewards", "brightness", "sharpness", "--output-dir", str(out))
+    proc = run("--preset", "tiny", "--rewards", "brightness", "sharpness", "--output-dir", str(out))
     assert proc.returncode == 2
     assert "unknown reward 'sharpness'" in proc.stderr and "brightness" in proc.stderr
     assert not out.exists()
@@ -181,7 +184,7 @@ def test_unknown_reward_exits_with_a_clear_error_before_training(tmp_path):
 
 def _bad(argv, capsys, tmp_path) -> str:
     out = tmp_path / "run"
-    assert train.main([*argv, "--output-dir", str(out)]) == 2
+    assert train.main(["--preset", "tiny", *argv, "--output-dir", str(out)]) == 2
     assert not (out / "metrics.jsonl").exists()
     return capsys.readouterr().err
 
@@ -211,13 +214,16 @@ def test_reward_model_without_its_package_is_rejected(tmp_path, capsys, monkeypa
 
 
 @pytest.mark.slow
-def test_resume_without_a_checkpoint_and_reuse_without_resume_are_rejected(tiny_run, tmp_path, capsys):
-    err = _bad(["--resume"], capsys, tmp_path)
-    assert "no checkpoint to resume" in err
-    assert train.main(["--output-dir", str(tiny_run), "--max-steps", "5"]) == 2
+def test_reusing_a_run_dir_with_another_config_is_rejected_and_the_same_command_is_a_no_op(tiny_run, capsys):
+    assert train.main(["--preset", "tiny", "--output-dir", str(tiny_run), "--max-steps", "5"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert train.main(["--output-dir", str(tiny_run), "--resume", "--rewards", "brightness"]) == 2
     assert "a resumed run keeps it" in capsys.readouterr().err
+    before = (tiny_run / "metrics.jsonl").read_bytes()
+    # the fixture's own command, again: a finished run is left alone
+    assert train.main(["--preset", "tiny", "--max-steps", "2", "--output-dir", str(tiny_run)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (tiny_run / "metrics.jsonl").read_bytes() == before
 
 
 # ---- rewards --------------------------------------------------------------------------------------
@@ -277,36 +283,35 @@ def test_clip_adapters_load_a_local_model_and_score(tmp_path):
 
 # ---- the trainer's parts, in process ------------------------------------------------------------------
 def _trainer(tmp_path, *argv: str) -> train.Trainer:
-    cfg = train.resolve_config(train.build_parser().parse_args([*SMALL, *argv, "--output-dir", str(tmp_path / "r")]))
+    argv = ("--preset", "tiny", *argv) if "--preset" not in argv else argv
+    args = [*SMALL, *argv, "--output-dir", str(tmp_path / "r")]
+    cfg = train.resolve_config(train.build_parser().parse_args(args))
     train.validate(cfg)
-    return train.Trainer(cfg, train.load_prompt_files(cfg.prompt_files), rw.build_rewards(cfg.rewards))
+    return train.Trainer(cfg)
 
 
 def test_policy_switching_runs_old_and_reference_and_keeps_only_default_trainable(tmp_path):
     t = _trainer(tmp_path)
-    x = torch.randn(2, *t.latent_shape)
+    a = t.adapter
+    x = torch.randn(2, *a.latent_shape)
     sigma = torch.tensor([0.7, 0.3])
-    embeds, pooled = t.encode(["a cat", "a dog"])
+    cond = a.encode(["a cat", "a dog"])
 
-    def v(which=None):
+    def v(which="default"):
         with torch.no_grad():
-            if which is None:
-                return t.velocity(x, sigma, embeds, pooled)
-            with t.policy(which):
-                return t.velocity(x, sigma, embeds, pooled)
+            return a.velocity(x, sigma, cond, which)
 
     assert torch.equal(v(), v("old")) and torch.equal(v(), v("ref"))  # LoRA B starts at zero
     with torch.no_grad():
-        for key, p in t.named["default"].items():
+        for key, p in a.named["default"].items():
             if "lora_B" in key:
                 p.add_(0.1)
     assert not torch.allclose(v(), v("old"))
     assert torch.equal(v("old"), v("ref"))  # the old adapter still has B = 0
     for which in ("old", "ref"):
-        with t.policy(which):
-            pass
-        assert all(p.requires_grad for p in t.named["default"].values())
-        assert not any(p.requires_grad for p in t.named["old"].values())
+        v(which)
+        assert all(p.requires_grad for p in a.named["default"].values())
+        assert not any(p.requires_grad for p in a.named["old"].values())
     t.step = 1  # the first update copies (d = min(0.001 * 0, 0.95) = 0)
     assert t.update_old_policy() == 0.0
     assert torch.equal(v(), v("old"))
@@ -337,14 +342,8 @@ def test_dpm2_sampler_matches_diffusers_dpm_solver_multistep():
     for i, step in enumerate(sched.timesteps):
         x = sched.step(velocity(x, sched.sigmas[i].double().reshape(1)), step, x).prev_sample
 
-    class Fake:
-        pass
-
-    fake = Fake()
-    fake.sigmas, fake.velocity = sched.sigmas.double(), velocity
     for sampler in ("dpm2", "euler"):
-        fake.cfg = train.Config(sampler=sampler)
-        out = train.Trainer.sample(fake, eps, None, None).double()
+        out = flow_sample(velocity, eps, sched.sigmas.double(), sampler)
         if sampler == "dpm2":
             assert torch.allclose(out, x, atol=1e-5)
             dpm_err = float((out - (m + a * eps)).abs().max())
@@ -353,7 +352,7 @@ def test_dpm2_sampler_matches_diffusers_dpm_solver_multistep():
 
 
 def _no_grids(t: train.Trainer) -> train.Trainer:
-    t.save_grid = lambda: None
+    t.save_samples = lambda: None
     return t
 
 
@@ -412,8 +411,8 @@ def test_brightness_rises_when_rewarded_and_falls_when_penalised(tmp_path, monke
     assert moved["brightness"] > 0.006 and moved["darkness"] > 0.006, moved
 
 
-def test_weighted_sum_logs_equal_weights_and_the_same_cosine_keys(tmp_path):
-    t = _no_grids(_trainer(tmp_path, "--combine", "weighted-sum", "--max-steps", "1"))
+def test_equal_alpha_logs_equal_weights_and_the_same_cosine_keys(tmp_path):
+    t = _no_grids(_trainer(tmp_path, "--combine", "equal-alpha", "--max-steps", "1"))
     t.save_checkpoint = lambda: None
     assert t.marble is None and isinstance(t.optimizer, torch.optim.AdamW)
     assert t.train() == 0
@@ -421,3 +420,188 @@ def test_weighted_sum_logs_equal_weights_and_the_same_cosine_keys(tmp_path):
     for name in DEFAULT_REWARDS:
         assert row[f"weight/{name}"] == pytest.approx(0.25)
         assert row[f"cosine/{name}"] == pytest.approx(row[f"mean_cosine/{name}"])
+
+
+# ---- --combine modes, rerunning, trackers ---------------------------------------------------------------
+def _one_step(tmp_path, *argv: str) -> dict:
+    t = _no_grids(_trainer(tmp_path, "--max-steps", "1", *argv))
+    t.save_checkpoint = lambda: None
+    assert t.train() == 0
+    (row,) = rows_of(tmp_path / "r")
+    return row
+
+
+def test_weighted_mean_reward_is_the_nan_aware_weighted_mean():
+    nan = float("nan")
+    rewards = {"a": torch.tensor([1.0, nan, 2.0, nan]), "b": torch.tensor([3.0, 5.0, nan, nan])}
+    got = train.weighted_mean_reward(rewards, {"b": 3.0})
+    want = [(1 + 3 * 3) / 4, 5.0, 2.0, nan]
+    assert torch.allclose(got, torch.tensor(want), equal_nan=True)
+    assert torch.allclose(train.weighted_mean_reward(rewards, {}), torch.tensor([2.0, 5.0, 2.0, nan]), equal_nan=True)
+
+
+@pytest.mark.slow
+def test_each_combine_mode_on_tiny_logs_its_weights_and_cosines(tmp_path):
+    names = DEFAULT_REWARDS
+    weights = json.dumps({"brightness": 3.0, "colourfulness": 0.0})
+    rows = {
+        "marble": _one_step(tmp_path / "m"),
+        "weighted-sum": _one_step(tmp_path / "ws", "--combine", "weighted-sum", "--reward-weights", weights),
+        "equal-alpha": _one_step(tmp_path / "ea", "--combine", "equal-alpha"),
+        "sequential": _one_step(tmp_path / "sq", "--combine", "sequential", "--max-steps", "1"),
+    }
+    assert sum(rows["marble"][f"weight/{k}"] for k in names) == pytest.approx(1.0)
+    assert all(0 <= rows["marble"][f"raw_weight/{k}"] <= 1 for k in names)
+    assert [rows["weighted-sum"][f"weight/{k}"] for k in names] == pytest.approx([1 / 5, 3 / 5, 0.0, 1 / 5])
+    assert [rows["equal-alpha"][f"weight/{k}"] for k in names] == pytest.approx([0.25] * 4)
+    # one stage per reward over max_steps: step 0 of 1 trains the first reward only
+    assert [rows["sequential"][f"weight/{k}"] for k in names] == [1.0, 0.0, 0.0, 0.0]
+    assert rows["sequential"][f"cosine/{names[0]}"] == pytest.approx(1.0)
+    for row in rows.values():
+        assert all(-1 <= row[f"cosine/{k}"] <= 1 for k in names) and math.isfinite(row["loss"])
+
+
+@pytest.mark.slow
+def test_weighted_sum_and_equal_alpha_agree_on_one_reward_and_differ_on_several(tmp_path):
+    """With K = 1 DiffusionNFT's combined advantage is the reward's own: the same step."""
+    one = ("--rewards", "brightness")
+    ws = _one_step(tmp_path / "ws1", "--combine", "weighted-sum", *one)
+    ea = _one_step(tmp_path / "ea1", "--combine", "equal-alpha", *one)
+    for key in ("loss", "grad_norm", "cosine/brightness"):
+        assert ws[key] == pytest.approx(ea[key], rel=1e-6), key
+    two = ("--rewards", "brightness", "jpeg_compressibility")
+    ws = _one_step(tmp_path / "ws2", "--combine", "weighted-sum", *two)
+    ea = _one_step(tmp_path / "ea2", "--combine", "equal-alpha", *two)
+    assert ws["grad_norm"] != pytest.approx(ea["grad_norm"], rel=1e-3)
+
+
+def test_combine_option_errors(tmp_path, capsys):
+    err = _bad(["--combine", "equal-alpha", "--marble-options", '{"normalize": "none"}'], capsys, tmp_path)
+    assert "--marble-options applies to --combine marble" in err
+    err = _bad(["--marble-options", '{"gram": "exact"}'], capsys, tmp_path)
+    assert "--gram" in err
+    err = _bad(["--combine", "weighted-sum", "--reward-weights", '{"sharpness": 1}'], capsys, tmp_path)
+    assert "sharpness" in err and "not among --rewards" in err
+    err = _bad(["--marble-options", '{"no_such_option": 1}'], capsys, tmp_path)
+    assert "no_such_option" in err
+
+
+@pytest.mark.slow
+def test_resume_without_a_checkpoint_starts_the_run(tmp_path, capsys):
+    t = _no_grids(_trainer(tmp_path, "--max-steps", "1", "--resume", "--combine", "sequential"))
+    assert t.step == 0 and t.cfg.resume is False
+    assert t.train() == 0
+    assert [r["step"] for r in rows_of(tmp_path / "r")] == [1]
+    # a sequential run's stages are fractions of --max-steps: resuming keeps it
+    assert train.main(["--output-dir", str(tmp_path / "r"), "--resume", "--max-steps", "2"]) == 2
+    assert "--combine sequential divides --max-steps" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_writes_reward_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _one_step(tmp_path, "--report-to", "tensorboard", "--rewards", "brightness")
+    events = list((tmp_path / "r").rglob("events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for e in events:
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"reward/brightness", "weight/brightness", "loss"} <= tags
+
+
+# ---- the digits preset (the default) ------------------------------------------------------------------
+DIGITS_SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--sample-batch-size", "16", "--train-batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's first command (no --preset): 2 steps of the digits model, offline."""
+    out = tmp_path_factory.mktemp("digits") / "run"
+    proc = run("--max-steps", "2", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_default_run_trains_digits_and_logs_every_reward(digits_run):
+    out, _ = digits_run
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["preset"] == "digits" and cfg["reward_suite"] == "mismatch"
+    rows = rows_of(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    names = [k.split("/", 1)[1] for k in rows[0] if k.startswith("reward/")]
+    assert len(names) == 5
+    for row in rows:
+        assert row["images_per_step"] == 80
+        for name in names:
+            for prefix in ("reward", "weight", "cosine"):
+                assert isinstance(row[f"{prefix}/{name}"], float) and math.isfinite(row[f"{prefix}/{name}"])
+        assert 0 < row["reward_valid/template_corr"] < 1  # applies to some digits only
+    assert (out / "digits_policy.safetensors").is_file()
+
+
+def test_digits_eval_samples_are_npz_at_step_0_and_the_end(digits_run):
+    from digits.judge import DigitsJudge
+    from digits.model import digits_data
+
+    out, _ = digits_run
+    files = sorted(out.rglob("eval_samples*.npz"))
+    assert [f.name for f in files] == ["eval_samples_step_000000.npz", "eval_samples_step_000002.npz"]
+    judge = DigitsJudge()
+    data, _ = digits_data()
+    for f in files:
+        with np.load(f) as z:
+            images, labels = z["images"], z["labels"]
+        assert images.dtype == np.float32 and images.ndim == 3 and images.shape[1:] == (8, 8)
+        assert images.shape[0] >= 50 and labels.shape == (images.shape[0],)
+        assert np.issubdtype(labels.dtype, np.integer) and set(labels.tolist()) == set(range(10))
+        assert images.min() >= 0 and images.max() <= 1
+        # oriented and scaled like load_digits().images / 16: the judge reads them, background is 0
+        assert judge.accuracy(images, labels) >= 0.9
+        assert abs(float(np.median(images)) - float(np.median(data))) < 0.2
+    with np.load(files[0]) as z:
+        assert z["images"].std() > 0.1  # digits, not blank images
+
+
+def test_the_readme_command_can_be_rerun_and_resumed(digits_run, tmp_path, capsys):
+    out, _ = digits_run
+    before = (out / "metrics.jsonl").read_bytes()
+    assert train.main(["--max-steps", "2", "--output-dir", str(out)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_bytes() == before
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    assert train.main(["--max-steps", "3", "--output-dir", str(resumed), "--resume"]) == 0
+    assert [r["step"] for r in rows_of(resumed)] == [1, 2, 3]
+    assert rows_of(resumed)[:2] == rows_of(out)
+    assert sorted(f.name for f in resumed.rglob("eval_samples*.npz"))[-1] == "eval_samples_step_000003.npz"
+
+
+def test_each_combine_mode_on_digits(tmp_path):
+    rows = {}
+    for combine in ("marble", "weighted-sum", "equal-alpha", "sequential"):
+        rows[combine] = _one_step(tmp_path / combine, "--preset", "digits", "--combine", combine, *DIGITS_SMALL)
+    names = [k.split("/", 1)[1] for k in rows["marble"] if k.startswith("weight/")]
+    assert len(names) == 5
+    for combine, row in rows.items():
+        weights = [row[f"weight/{k}"] for k in names]
+        assert sum(weights) == pytest.approx(1.0), combine
+        assert all(-1 <= row[f"cosine/{k}"] <= 1 for k in names if row[f"cosine/{k}"] is not None), combine
+    assert [rows["sequential"][f"weight/{k}"] for k in names] == [1.0, 0, 0, 0, 0]
+    assert rows["weighted-sum"]["grad_norm"] != pytest.approx(rows["equal-alpha"]["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_two_processes_with_ddp_keep_identical_weights(tmp_path):
+    """accelerate launch, 2 CPU processes (gloo): the loop checks the replicas agree when it saves."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN)]
+    cmd += ["--max-steps", "2", "--output-dir", str(out), *DIGITS_SMALL]
+    proc = subprocess.run(cmd, env=ENV, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = rows_of(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["images_per_step"] == 16

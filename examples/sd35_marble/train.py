@@ -1,54 +1,60 @@
 #!/usr/bin/env python
-"""Multi-reward RL fine-tuning of Stable Diffusion 3.5 with MARBLE (DiffusionNFT loss, LoRA).
+"""Multi-reward RL fine-tuning of flow models with MARBLE (DiffusionNFT loss): digits, SD3, SD3.5.
 
 One optimizer step:
 
-1. draw ``--prompts-per-step`` prompts (equally from the ``--prompt-files``), ``--group-size``
-   images each;
-2. roll out with the *old* policy (a second LoRA adapter, ``"old"``): deterministic
-   flow-matching sampling (Euler or DPM-Solver++(2M), no CFG) through the SD3 transformer,
-   decode with the VAE;
-3. score every image with every reward (K rewards; NaN where one does not apply);
+1. draw ``--prompts-per-step`` prompts (digit labels; or text, equally from the
+   ``--prompt-files``), ``--group-size`` samples each;
+2. roll out with the *old* policy: deterministic flow-matching sampling
+   (``marble_opt.rl.flow_sample``: Euler or DPM-Solver++(2M), no CFG), then decode;
+3. score every sample with every reward (K rewards; NaN where one does not apply);
 4. per-reward advantages: ``marble_opt.rl.group_advantages`` (mean per prompt group, std over
    the batch);
 5. for ``--train-timesteps`` random timesteps of each sample's schedule: noise the sample,
-   predict ``v_θ`` (adapter ``"default"``), ``v_old`` (adapter ``"old"``, no grad) and ``v_ref``
-   (adapters disabled, no grad, for the KL), and build the K DiffusionNFT losses with
+   predict ``v_θ`` (the trained policy), ``v_old`` (the old policy, no grad) and ``v_ref`` (the
+   frozen reference, no grad, for the KL), and build the K DiffusionNFT losses with
    ``marble_opt.rl.nft_losses``;
-6. ``--combine marble``: ``MarbleOptimizer(AdamW, gram="shared").backward(losses,
-   shared=v_θ, extra=kl)`` balances the K gradients (min-norm point of their convex hull,
-   measured on the predicted velocity); ``--combine weighted-sum``: plain AdamW on the mean of
-   the K losses (+ KL), the DiffusionNFT baseline;
-7. clip, step, then ``θ_old ← d·θ_old + (1−d)·θ`` with ``d = min(rate·step, max)``.
+6. combine (``--combine``): ``marble``: ``MarbleOptimizer(AdamW, gram="shared").backward(losses,
+   shared=v_θ, extra=kl)`` balances the K gradients (min-norm point of their convex hull);
+   ``weighted-sum``: DiffusionNFT's baseline, one NFT loss from the advantage of the NaN-aware
+   mean of the raw rewards; ``equal-alpha``: the mean of the K losses; ``sequential``: one
+   reward per stage;
+7. clip, step, then ``θ_old ← d·θ_old + (1−d)·θ`` with ``d = min(rate·step, max)`` and the
+   model EMA (``marble_opt.rl.ema_update_``).
 
-Presets: ``tiny`` (default) builds a randomly initialised SD3 pipeline from configs and uses
-pixel rewards — a CPU runs it in seconds with no network; ``sd35-medium`` loads
+The loop is written once against ``adapters.base.ModelAdapter`` (condition encoding,
+velocity of the default/old/reference policy, decoding, latent shape, weights); the model
+specifics live in ``adapters/digits.py`` and ``adapters/sd3.py``; the model-independent maths
+(advantages, NFT losses, samplers, old-policy/EMA updates, update cosines) in ``marble_opt.rl``.
+
+Presets: ``digits`` (default) fine-tunes the shipped 0.5 M-parameter digits flow on a reward
+suite, on a CPU in about a minute; ``tiny`` builds a randomly initialised SD3 pipeline from
+configs with pixel rewards (plumbing; seconds, no network); ``sd35-medium`` loads
 ``stabilityai/stable-diffusion-3.5-medium`` with the MARBLE authors' recipe.
 
 Examples::
 
-    python examples/sd35_marble/train.py --max-steps 2 --output-dir /tmp/run
-    python examples/sd35_marble/train.py --combine weighted-sum --max-steps 200 --output-dir runs/ws
+    python examples/sd35_marble/train.py --output-dir runs/digits --resume
+    python examples/sd35_marble/train.py --combine weighted-sum --output-dir runs/digits-ws
+    python examples/sd35_marble/train.py --preset tiny --max-steps 2 --output-dir /tmp/run
     accelerate launch examples/sd35_marble/train.py --preset sd35-medium --output-dir runs/sd35
-    python examples/sd35_marble/train.py --output-dir /tmp/run --resume --max-steps 4
 
-Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per optimizer step),
-``pytorch_lora_weights.safetensors`` (diffusers format: ``pipe.load_lora_weights(dir)``),
-``samples/step_XXXXXX.png`` grids, ``config.json`` and ``checkpoint/`` (for ``--resume``).
+Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per optimizer step), the
+trained weights (``pytorch_lora_weights.safetensors`` in diffusers' format for SD3,
+``digits_policy.safetensors`` for digits), ``samples/`` (PNG grids; digits: also
+``eval_samples_step_XXXXXX.npz``), ``config.json`` and ``checkpoint/`` (for ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import random
 import shutil
 import sys
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -58,19 +64,39 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-from rewards import REWARDS, Reward, RewardLoadError, build_rewards, check_reward_names  # noqa: E402
+from adapters import Cond, ConfigError, ModelAdapter, adapter_class, take  # noqa: E402
+from adapters.sd3 import ATTENTION_TARGETS, SD35_MEDIUM, load_prompt_files  # noqa: E402
+from rewards import REWARDS, RewardLoadError, check_reward_names  # noqa: E402
 
-#: The 8 attention projections the MARBLE authors put LoRA on (no FFN). In SD3.5's
-#: dual-attention blocks the second self-attention's to_q/to_k/to_v/to_out.0 match too.
-ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+from marble_opt.rl import (  # noqa: E402
+    ema_update_,
+    flow_sample,
+    group_advantages,
+    nft_losses,
+    old_policy_decay,
+    reward_masks,
+    update_cosines,
+)
+
 DEFAULT_PROMPTS = [str(HERE / "prompts" / f) for f in ("general.txt", "ocr.txt", "geneval.txt")]
 #: Fields a resumed run must keep: changing them would not continue the same run.
-FIXED_ON_RESUME = ("preset", "model", "seed", "rewards", "combine", "lora_rank", "lora_alpha", "lora_targets", "gram")
+FIXED_ON_RESUME = (
+    "preset",
+    "model",
+    "seed",
+    "rewards",
+    "combine",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "gram",
+    "reward_suite",
+    "pretrain_seed",
+    "marble_options",
+    "reward_weights",
+)
 
-
-class ConfigError(ValueError):
-    """Bad input found before training: reported as ``error: ...`` with exit status 2."""
+__all__ = ["ATTENTION_TARGETS", "Config", "ConfigError", "PRESETS", "Trainer", "load_prompt_files", "main"]
 
 
 @dataclass
@@ -79,7 +105,7 @@ class Config:
     file < command-line flags (and, with ``--resume``, the run's saved ``config.json``
     replaces the first three)."""
 
-    preset: str = "tiny"
+    preset: str = "digits"
     model: str = ""
     output_dir: str = "outputs/sd35_marble"
     max_steps: int = 100
@@ -124,10 +150,34 @@ class Config:
     grid_images_per_prompt: int = 4
     checkpoint_every: int = 50
     resume: bool = False
+    # digits preset
+    reward_suite: str = "mismatch"
+    pretrain_seed: int = 0
+    # combining the rewards
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    marble_options: dict[str, Any] = field(default_factory=dict)
+    report_to: str = "none"
 
 
 #: Preset values (override the dataclass defaults above, which are the tiny preset's).
 PRESETS: dict[str, dict[str, Any]] = {
+    # The 0.5 M-parameter digits flow (adapters/digits.py), the whole network trained; SPEC's
+    # working numbers: 10 prompts x 8 samples, 2 timesteps each, lr 3e-5, 10 Euler steps.
+    "digits": {
+        "rewards": [],
+        "group_size": 8,
+        "prompts_per_step": 10,
+        "sampling_steps": 10,
+        "sampler": "euler",
+        "train_timesteps": 2,
+        "sample_batch_size": 80,
+        "train_batch_size": 80,
+        "lr": 3e-5,
+        "max_steps": 300,
+        "sample_every": 100,
+        "checkpoint_every": 100,
+        "grid_images_per_prompt": 8,
+    },
     "tiny": {},
     # The MARBLE authors' release recipe (see SPEC): 512 px, LoRA r32/α64 on the attention
     # projections, 25-step deterministic DPM-Solver-2 rollouts without CFG, 24 images per
@@ -160,7 +210,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 CHOICES = {
     "preset": tuple(PRESETS),
-    "combine": ("marble", "weighted-sum"),
+    "combine": ("marble", "weighted-sum", "equal-alpha", "sequential"),
+    "report_to": ("none", "tensorboard", "wandb"),
     "sampler": ("euler", "dpm2"),
     "gram": ("shared", "exact", "exact-lean"),
     "old_update": ("ema", "copy"),
@@ -183,17 +234,29 @@ def build_parser() -> argparse.ArgumentParser:
         name = flag.lstrip("-").replace("-", "_")
         if name in CHOICES:
             kw.setdefault("choices", CHOICES[name])
-        g.add_argument(flag, help=f"{help} (tiny: {getattr(d, name)!r})", **kw)
+        shown = {"digits": PRESETS["digits"].get(name, getattr(d, name)), "tiny": getattr(d, name)}
+        g.add_argument(flag, help=f"{help} (digits: {shown['digits']!r}; tiny: {shown['tiny']!r})", **kw)
 
     p.add_argument("--config", help="JSON (or YAML, with PyYAML) file of Config fields, below flags in precedence")
     p.add_argument("--list-rewards", action="store_true", help="list the available rewards and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    add("--preset", "tiny: random SD3 on CPU; sd35-medium: the authors' recipe")
+    add(
+        "--preset", "digits: a real 8x8 digits flow on CPU; tiny: random SD3 plumbing; sd35-medium: the authors' recipe"
+    )
     add("--model", "sd35-medium: local directory or hub id of the diffusers pipeline")
     add("--output-dir", "where metrics, LoRA weights, grids and checkpoints go")
     add("--max-steps", "total optimizer steps (a resumed run continues up to it)", type=int)
-    add("--combine", "how the K reward losses are combined")
-    add("--resume", "continue the run in --output-dir from its checkpoint", action=argparse.BooleanOptionalAction)
+    add(
+        "--combine",
+        "marble: MarbleOptimizer; weighted-sum: DiffusionNFT's one advantage of the mean raw reward; "
+        "equal-alpha: mean of the per-reward normalised losses; sequential: one reward per stage",
+    )
+    add(
+        "--resume",
+        "continue the run in --output-dir from its checkpoint if there is one, else start it",
+        action=argparse.BooleanOptionalAction,
+    )
+    add("--report-to", "tracker through accelerate (tensorboard logs under --output-dir)")
     add("--seed", "seed of prompts, noise and LoRA init", type=int)
     add("--mixed-precision", "autocast dtype; bf16 also loads the frozen weights in bf16")
     add(
@@ -214,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=json_object,
     )
     add("--prompt-files", "text files, one prompt per line; prompts are drawn equally from each", nargs="+")
+    add("--reward-suite", "digits: reward suite of digits/rewards.py (mismatch or conflict)")
+    add("--pretrain-seed", "digits: which shipped pretrained model (its pretraining seed)", type=int)
+    add(
+        "--reward-weights",
+        "weighted-sum: JSON {reward: weight} for the mean of the raw rewards (missing: 1), e.g. '{\"ocr\": 2}'",
+        type=json_object,
+    )
     g = p.add_argument_group("rollouts")
     add("--resolution", "image size in pixels", type=int)
     add("--group-size", "images per prompt (>= 2: advantages are centred per group)", type=int)
@@ -240,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
     )
     add("--marble-ema", "MARBLE's EMA rho of the balancing weights", type=float)
+    add(
+        "--marble-options",
+        'JSON object of extra MarbleOptimizer keyword arguments, e.g. \'{"normalize": "none"}\'',
+        type=json_object,
+    )
     add("--gram", "MARBLE Gram source (shared: on v_theta, one backward)")
     add("--refresh-every", "solve MARBLE's QP every N steps", type=int)
     add("--old-update", "old policy: EMA of the trained LoRA, or a copy each step")
@@ -261,7 +336,7 @@ def json_object(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from exc
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object {{reward: {{option: value}}}}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
 
 
@@ -297,11 +372,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
     file = _read_config_file(args.config) if getattr(args, "config", None) else {}
     output_dir = cli.get("output_dir", file.get("output_dir", Config.output_dir))
     resume = cli.get("resume", file.get("resume", False))
+    saved_path = Path(output_dir) / "config.json"
+    state = Path(output_dir) / "checkpoint" / "trainer_state.json"
+    if resume and not (state.is_file() and saved_path.is_file()):
+        resume = False  # nothing to continue: --resume starts the run
+        cli = {**cli, "resume": False}
+        file = {**file, "resume": False}
     if resume:
-        saved_path = Path(output_dir) / "config.json"
-        state = Path(output_dir) / "checkpoint" / "trainer_state.json"
-        if not state.is_file() or not saved_path.is_file():
-            raise ConfigError(f"--resume: no checkpoint to resume in {output_dir!r} (expected {state})")
         saved = json.loads(saved_path.read_text())
         for key in FIXED_ON_RESUME:
             for source, values in (("--config", file), ("the command line", cli)):
@@ -311,8 +388,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
                         "a resumed run keeps it (start a new --output-dir to change it)"
                     )
         merged = {**saved, **file, **cli, "resume": True, "output_dir": output_dir}
+        if saved.get("combine") == "sequential" and merged.get("max_steps") != saved.get("max_steps"):
+            raise ConfigError(
+                f"--resume: --max-steps {merged.get('max_steps')} differs from the run's {saved.get('max_steps')}; "
+                "--combine sequential divides --max-steps into its stages, so a resumed run keeps it"
+            )
     else:
-        preset = cli.get("preset", file.get("preset", "tiny"))
+        preset = cli.get("preset", file.get("preset", Config.preset))
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
         merged = {**PRESETS[preset], **file, **cli, "preset": preset}
@@ -394,58 +476,33 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--model is empty: pass a local directory or hub id of SD3.5 Medium")
     if not isinstance(cfg.reward_options, dict):
         raise ConfigError(f"--reward-options must be a JSON object {{reward: {{...}}}}, got {cfg.reward_options!r}")
+    for name, w in cfg.reward_weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+            raise ConfigError(f"--reward-weights: weight of {name!r} must be a finite number >= 0, got {w!r}")
+    reserved = {"ema_decay", "gram", "refresh_every"} & set(cfg.marble_options)
+    if reserved:
+        raise ConfigError(
+            f"--marble-options {sorted(reserved)}: set these with --marble-ema, --gram, --refresh-every instead"
+        )
+    if cfg.marble_options and cfg.combine != "marble":
+        raise ConfigError(f"--marble-options applies to --combine marble, not {cfg.combine!r}")
+    if cfg.preset == "digits":
+        if cfg.pretrain_seed < 0:
+            raise ConfigError(f"--pretrain-seed must be >= 0, got {cfg.pretrain_seed!r}")
+        return
     try:
         check_reward_names(cfg.rewards)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if cfg.reward_weights:
+        unknown = sorted(set(cfg.reward_weights) - set(cfg.rewards))
+        if unknown:
+            raise ConfigError(f"--reward-weights names {unknown}, which are not among --rewards {cfg.rewards}")
     if not cfg.lora_targets:
         raise ConfigError("--lora-targets is empty")
 
 
-def load_prompt_files(paths: Sequence[str]) -> list[list[str]]:
-    """One list of prompts per file (blank lines and ``#`` comments skipped); errors if empty."""
-    if not paths:
-        raise ConfigError("--prompt-files is empty: give at least one file of prompts")
-    out = []
-    for path in paths:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"prompt file {path!r} does not exist")
-        prompts = [ln.strip() for ln in file.read_text(encoding="utf-8").splitlines()]
-        prompts = [p for p in prompts if p and not p.startswith("#")]
-        if not prompts:
-            raise ConfigError(f"prompt file {path!r} is empty (no prompts after skipping blank lines and # comments)")
-        out.append(prompts)
-    return out
-
-
-# ---- maths helpers -------------------------------------------------------------------------------
-def shared_cosines(losses: dict[str, torch.Tensor], shared: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
-    """Cosine of each loss's gradient with the plain mean of the gradients, w.r.t. ``shared``.
-
-    The weighted-sum baseline's diagnostic: gradients are taken w.r.t. the predicted
-    velocity (the same "shared" approximation MARBLE balances with), K small backward
-    passes through the loss only. Returns ``(cosines, valid)`` where ``valid`` is 1.0 for a
-    loss with a non-zero gradient (a reward with no applicable sample has none).
-    """
-    grads = [torch.autograd.grad(loss, shared, retain_graph=True)[0].flatten().double() for loss in losses.values()]
-    rows = torch.stack(grads)
-    gram = rows @ rows.T
-    norms = gram.diagonal().clamp(min=0).sqrt()
-    valid = norms > 1e-12
-    w = valid.double() / valid.sum().clamp(min=1)
-    gw = gram @ w
-    d_norm = (w @ gw).clamp(min=0).sqrt()
-    cos = torch.where(valid & (d_norm > 0), gw / (d_norm * norms).clamp(min=1e-300), torch.zeros_like(gw))
-    names = list(losses)
-    return ({n: float(c) for n, c in zip(names, cos.clamp(-1, 1))}, {n: float(v) for n, v in zip(names, valid)})
-
-
-def old_policy_decay(step: int, rate: float, cap: float) -> float:
-    """``d = min(rate·step, cap)`` (DiffusionNFT's schedule; ``step`` counts from 0)."""
-    return min(rate * step, cap)
-
-
+# ---- small helpers -------------------------------------------------------------------------------
 def finite_or_none(value: Any) -> Any:
     """JSON has no NaN: non-finite floats are logged as null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -453,33 +510,55 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
+#: Key of DiffusionNFT's single combined advantage (``--combine weighted-sum``).
+COMBINED = "__weighted_sum__"
+
+
+def weighted_mean_reward(rewards: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """DiffusionNFT's combined reward: the NaN-aware weighted mean of the raw rewards.
+
+    ``c(i) = Σ_k w_k R_k(i) / Σ_k w_k`` over the rewards that apply to sample i (finite);
+    NaN where none applies. ``weights`` maps a reward name to ``w_k`` (missing: 1).
+    """
+    names = list(rewards)
+    r = torch.stack([rewards[k].double() for k in names])  # (K, B)
+    w = torch.tensor([float(weights.get(k, 1.0)) for k in names], dtype=torch.float64)[:, None].expand_as(r)
+    valid = torch.isfinite(r) & (w > 0)
+    num = torch.where(valid, r * w, torch.zeros_like(r)).sum(0)
+    den = torch.where(valid, w, torch.zeros_like(w)).sum(0)
+    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.full_like(num, float("nan"))).float()
+
+
 def nan_mean(x: torch.Tensor) -> float | None:
     finite = x[torch.isfinite(x)]
     return float(finite.mean()) if finite.numel() else None
 
 
-# ---- the trainer ---------------------------------------------------------------------------------
+# ---- the trainer: the RL loop, written once against ModelAdapter -------------------------------------
 @dataclass
 class Rollout:
-    prompts: list[str]
+    prompts: list[Any]  # (B,) one prompt per sample
     group_ids: torch.Tensor  # (B,) global group index
-    x0: torch.Tensor  # (B, C, h, w) final latents, float32
-    prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
-    images: torch.Tensor  # (B, 3, H, W) in [0, 1], float32, CPU
+    prompt_index: torch.Tensor  # (B,) row of ``cond`` of each sample
+    x0: torch.Tensor  # (B, *latent_shape) final samples, float32
+    cond: Cond  # one row per (local) prompt
+    images: torch.Tensor  # decoded samples for the rewards, float32, CPU
 
 
 class Trainer:
-    def __init__(self, cfg: Config, prompt_sources: list[list[str]], rewards: list[Reward]) -> None:
+    """DiffusionNFT multi-reward RL with MARBLE (or a baseline) for any ``ModelAdapter``."""
+
+    def __init__(self, cfg: Config, rewards: list[Any] | None = None) -> None:
         from accelerate import Accelerator
 
         self.cfg = cfg
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
-        self.sources = prompt_sources
-        self.rewards = rewards
-        self.reward_names = [r.name for r in rewards]
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_dir=cfg.output_dir,
+        )
         acc = self.accelerator
         if cfg.prompts_per_step % acc.num_processes:
             raise ConfigError(
@@ -487,259 +566,102 @@ class Trainer:
                 f"({acc.num_processes})"
             )
         self.device = acc.device
-        self.weight_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         self.out = Path(cfg.output_dir)
         self.local_prompts = cfg.prompts_per_step // acc.num_processes
-
-        self.pipe = self._load_pipeline()
-        factor = self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
-        if cfg.resolution % factor:
-            raise ConfigError(f"--resolution {cfg.resolution} must be a multiple of {factor} for this model")
-        self.transformer = self.pipe.transformer
-        self.vae = self.pipe.vae
-        self.latent_shape = (
-            self.transformer.config.in_channels,
-            cfg.resolution // self.pipe.vae_scale_factor,
-            cfg.resolution // self.pipe.vae_scale_factor,
+        adapter_cls = adapter_class(cfg.preset)
+        # rewards after the Accelerator (each rank's models on its device), before the model
+        self.rewards = rewards if rewards is not None else adapter_cls.build_rewards(cfg, self.device)
+        self.reward_names = [r.name for r in self.rewards]
+        self.adapter: ModelAdapter = adapter_cls(cfg, acc)
+        # DDP around the trainable module (as diffusers' examples do); the policy's velocity goes
+        # through the wrapper, so an ordinary backward (and MARBLE's one backward) is averaged by it.
+        self.adapter.train_module = acc.prepare(self.adapter.module)
+        self.params = list(self.adapter.weights("default").values())
+        self.ema = (
+            {k: p.detach().clone() for k, p in self.adapter.weights("default").items()}
+            if cfg.model_ema_decay > 0
+            else None
         )
-        self._setup_lora()
 
         from marble_opt import MarbleOptimizer
 
         base = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.combine == "marble":
-            self.marble: MarbleOptimizer | None = MarbleOptimizer(
-                base, ema_decay=cfg.marble_ema, gram=cfg.gram, refresh_every=cfg.refresh_every
-            )
+            try:
+                self.marble: MarbleOptimizer | None = MarbleOptimizer(
+                    base, ema_decay=cfg.marble_ema, gram=cfg.gram, refresh_every=cfg.refresh_every, **cfg.marble_options
+                )
+            except TypeError as exc:
+                raise ConfigError(f"--marble-options {cfg.marble_options}: {exc}") from exc
             self.optimizer: torch.optim.Optimizer = self.marble
         else:
             self.marble = None
             self.optimizer = base
 
-        self.pipe.scheduler.set_timesteps(cfg.sampling_steps, device="cpu")
-        self.sigmas = self.pipe.scheduler.sigmas.to(torch.float32).clone()  # (n+1,), last is 0
+        self.sigmas = self.adapter.sigmas
         self.prompt_rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index + 1)
         self.step = 0
+        #: set True (e.g. by a benchmark) to keep the step actually taken in ``last_update``
+        self.track_update = False
+        self.last_update: list[torch.Tensor] | None = None
+        #: called after every optimizer step as ``callback(trainer, row, batch, adv, masks)``
+        self.step_callbacks: list[Any] = []
         if cfg.resume:
             self._load_checkpoint()
 
-    # ---- model ----------------------------------------------------------------------------------
-    def _load_pipeline(self):
-        cfg = self.cfg
-        if cfg.preset == "tiny":
-            from tiny import build_tiny_pipeline
-
-            pipe = build_tiny_pipeline(
-                [p for src in self.sources for p in src], seed=cfg.seed, max_length=cfg.max_sequence_length
-            )
-        else:
-            from diffusers import StableDiffusion3Pipeline
-
-            try:
-                with warnings.catch_warnings():  # newer diffusers prefer dtype=, older only know torch_dtype=
-                    warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                    pipe = StableDiffusion3Pipeline.from_pretrained(
-                        cfg.model, torch_dtype={"default": self.weight_dtype, "vae": torch.float32}
-                    )
-            except Exception as exc:  # noqa: BLE001
-                raise ConfigError(
-                    f"could not load the SD3 pipeline {cfg.model!r} ({type(exc).__name__}: {exc}). "
-                    "SD3.5 Medium is gated on the hub: accept its licence and log in (hf auth login), "
-                    "or pass --model /local/dir with the diffusers files"
-                ) from exc
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"):
-            module = getattr(pipe, name)
-            if module is None:
-                continue
-            dtype = torch.float32 if name == "vae" else self.weight_dtype  # the VAE decodes in float32
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
-            module.to(self.device).eval().requires_grad_(False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def _setup_lora(self) -> None:
-        from peft import LoraConfig
-
-        cfg = self.cfg
-
-        def lora_config() -> LoraConfig:
-            return LoraConfig(
-                r=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=list(cfg.lora_targets),
-            )
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            try:
-                self.transformer.add_adapter(lora_config(), adapter_name="default")
-            except ValueError as exc:
-                raise ConfigError(f"--lora-targets {cfg.lora_targets}: {exc}") from exc
-            with warnings.catch_warnings():  # peft warns that a second adapter is being added: intended
-                warnings.simplefilter("ignore", UserWarning)
-                self.transformer.add_adapter(lora_config(), adapter_name="old")
-        self.transformer.set_adapter("default")
-        self.lora_config = lora_config()
-        if cfg.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        self.named = {a: self._adapter_params(a) for a in ("default", "old")}
-        for adapter in self.named.values():  # trainable LoRA weights in float32, base may be bf16
-            for p in adapter.values():
-                p.data = p.data.float()
-        self.params = list(self.named["default"].values())
-        if not self.params or not all(p.requires_grad for p in self.params):
-            raise RuntimeError("LoRA setup failed: the default adapter has no trainable parameter")
-        with torch.no_grad():  # the old policy starts as the policy
-            for key, p in self.named["default"].items():
-                self.named["old"][key].copy_(p)
-        self.ema = (
-            {k: p.detach().clone() for k, p in self.named["default"].items()} if cfg.model_ema_decay > 0 else None
-        )
-
-    def _adapter_params(self, adapter: str) -> dict[str, torch.nn.Parameter]:
-        """``{peft state-dict key: parameter}`` of one adapter (key without the adapter name)."""
-        tag = f".{adapter}."
-        return {n.replace(tag, "."): p for n, p in self.transformer.named_parameters() if tag in n}
-
-    @contextlib.contextmanager
-    def policy(self, which: str) -> Iterator[None]:
-        """Run the transformer as the ``"old"`` policy or the LoRA-free ``"ref"`` model.
-
-        peft's ``set_adapter`` / ``enable_adapters`` also toggle ``requires_grad``; switching
-        back to ``"default"`` afterwards makes exactly its weights trainable again.
-        """
-        try:
-            if which == "old":
-                self.transformer.set_adapter("old")
-            elif which == "ref":
-                self.transformer.disable_adapters()
-            else:
-                raise ValueError(which)
-            yield
-        finally:
-            if which == "ref":
-                self.transformer.enable_adapters()
-            self.transformer.set_adapter("default")
-
-    def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor
-    ) -> torch.Tensor:
-        """The transformer's flow-matching velocity ``v = ε − x0`` at time ``sigma`` (B,), float32."""
-        with self.accelerator.autocast():
-            out = self.transformer(
-                hidden_states=x.to(self.weight_dtype),
-                timestep=(sigma * 1000.0).to(x.device),
-                encoder_hidden_states=embeds,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]
-        return out.float()
-
+    # ---- sampling -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.cfg.max_sequence_length,
-        )
-        return embeds.to(self.weight_dtype), pooled.to(self.weight_dtype)
-
-    @torch.no_grad()
-    def sample(self, noise: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """Deterministic flow-matching sampling from ``noise`` over ``self.sigmas`` (no CFG).
-
-        ``euler``: ``x ← x + (σ_next − σ)·v``. ``dpm2``: DPM-Solver++(2M) in the data
-        prediction ``x̂0 = x − σ·v`` with ``α = 1 − σ``; its first-order step is exactly
-        Euler, and the first and last steps are first order.
-        """
-        x = noise.float()
-        sig = self.sigmas.tolist()
-        prev_x0: torch.Tensor | None = None
-        prev_h: float | None = None
-        for i in range(len(sig) - 1):
-            s, s_next = sig[i], sig[i + 1]
-            v = self.velocity(x, torch.full((x.shape[0],), s, device=x.device), embeds, pooled)
-            if self.cfg.sampler == "euler":
-                x = x + (s_next - s) * v
-                continue
-            x0 = x - s * v
-            h = None
-            if 0.0 < s < 1.0 and 0.0 < s_next < 1.0:
-                h = math.log((1 - s_next) / s_next) - math.log((1 - s) / s)
-            d = x0
-            if prev_x0 is not None and h is not None and prev_h is not None and s_next > 0:
-                r = prev_h / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
-            # x_next = (σ_next/σ)·x + (α_next − σ_next·α/σ)·D
-            x = (s_next / s) * x + ((1 - s_next) - s_next * (1 - s) / s) * d
-            prev_x0, prev_h = x0, h
-        return x
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images in [0, 1] (B, 3, H, W), float32 on the CPU."""
-        out = []
-        sf, shift = self.vae.config.scaling_factor, self.vae.config.shift_factor or 0.0
-        for chunk in latents.split(self.cfg.sample_batch_size):
-            img = self.vae.decode(chunk.float() / sf + shift, return_dict=False)[0]
-            out.append((img.float() / 2 + 0.5).clamp(0, 1).cpu())
-        return torch.cat(out)
-
-    # ---- one optimizer step --------------------------------------------------------------------------
-    def draw_prompts(self) -> list[str]:
-        """``prompts_per_step`` prompts, equally from each source (same on every process)."""
-        n = len(self.sources)
-        offset = self.prompt_rng.randrange(n)
-        return [self.prompt_rng.choice(self.sources[(offset + j) % n]) for j in range(self.cfg.prompts_per_step)]
+    def sample(self, noise: torch.Tensor, cond: Cond, policy: str = "old") -> torch.Tensor:
+        """Deterministic sampling with ``cfg.sampler`` (``marble_opt.rl.flow_sample``), one row of
+        ``cond`` per sample."""
+        a = self.adapter
+        return flow_sample(lambda x, t: a.velocity(x, t, cond, policy), noise, self.sigmas, self.cfg.sampler)
 
     @torch.no_grad()
     def rollout(self) -> Rollout:
         cfg, acc = self.cfg, self.accelerator
         start = acc.process_index * self.local_prompts
-        mine = self.draw_prompts()[start : start + self.local_prompts]
-        embeds, pooled = self.encode(mine)
+        mine = self.adapter.draw_prompts(self.prompt_rng, cfg.prompts_per_step)[start : start + self.local_prompts]
+        cond = self.adapter.encode(mine)
         g = cfg.group_size
-        embeds, pooled = embeds.repeat_interleave(g, 0), pooled.repeat_interleave(g, 0)
+        prompt_index = torch.arange(len(mine)).repeat_interleave(g)
         prompts = [p for p in mine for _ in range(g)]
         group_ids = torch.arange(start, start + len(mine)).repeat_interleave(g)
         latents = []
-        with self.policy("old"):
-            for lo in range(0, len(prompts), cfg.sample_batch_size):
-                hi = min(lo + cfg.sample_batch_size, len(prompts))
-                noise = torch.randn((hi - lo, *self.latent_shape), generator=self.gen).to(self.device)
-                latents.append(self.sample(noise, embeds[lo:hi], pooled[lo:hi]))
+        for lo in range(0, len(prompts), cfg.sample_batch_size):
+            hi = min(lo + cfg.sample_batch_size, len(prompts))
+            noise = torch.randn((hi - lo, *self.adapter.latent_shape), generator=self.gen).to(self.device)
+            latents.append(self.sample(noise, take(cond, prompt_index[lo:hi])))
         x0 = torch.cat(latents)
-        return Rollout(prompts, group_ids, x0, embeds, pooled, self.decode(x0))
+        return Rollout(prompts, group_ids, prompt_index, x0, cond, self.adapter.decode(x0))
 
     def score(self, batch: Rollout) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Local rewards, then advantages over the whole (all-process) batch; returns
         ``(gathered rewards, local advantages, local masks)``."""
-        from marble_opt.rl import group_advantages
-
         acc = self.accelerator
-        local = {r.name: r(batch.images, batch.prompts).float() for r in self.rewards}
+        prompts = self.adapter.reward_prompts(batch.prompts)
+        local = {r.name: r(batch.images, prompts).float() for r in self.rewards}
         gathered = {k: acc.gather(v.to(self.device)).cpu() for k, v in local.items()}
         gids = acc.gather(batch.group_ids.to(self.device)).cpu()
         adv = group_advantages(gathered, gids, global_std=not self.cfg.per_group_std)
         n = batch.x0.shape[0]
         lo = acc.process_index * n
         adv_local = {k: a[lo : lo + n].to(self.device) for k, a in adv.items()}
-        masks = {k: torch.isfinite(v).to(self.device) for k, v in local.items()}
+        masks = {k: m.to(self.device) for k, m in reward_masks(local).items()}
+        if self.cfg.combine == "weighted-sum":  # DiffusionNFT: one advantage of the mean raw reward
+            combined = {COMBINED: weighted_mean_reward(gathered, self.cfg.reward_weights)}
+            adv_local[COMBINED] = group_advantages(combined, gids, global_std=not self.cfg.per_group_std)[COMBINED][
+                lo : lo + n
+            ].to(self.device)
+            masks[COMBINED] = torch.isfinite(combined[COMBINED][lo : lo + n]).to(self.device)
         return gathered, adv_local, masks
 
+    # ---- one optimizer step --------------------------------------------------------------------------
     def train_step(
         self, batch: Rollout, adv: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
-        from marble_opt.rl import nft_losses
-
-        cfg, acc = self.cfg, self.accelerator
+        cfg, a = self.cfg, self.adapter
         b = batch.x0.shape[0]
         n_sched = len(self.sigmas) - 1
         # each sample is trained on train_timesteps distinct timesteps of its schedule
@@ -756,46 +678,51 @@ class Trainer:
         cos_sum = {k: 0.0 for k in names}
         mean_cos_sum = {k: 0.0 for k in names}
         cos_count = {k: 0.0 for k in names}
-        raw_weights: dict[str, float] = {}
+        raw_sum = {k: 0.0 for k in names}
+        raw_count = 0
         skipped = False
         for j, idx in micro:
             dev_idx = idx.to(self.device)
             sigma = self.sigmas[slots[idx, j]].to(self.device)
             x0 = batch.x0[dev_idx]
             eps = torch.randn(x0.shape, generator=self.gen).to(self.device)
-            s = sigma.view(-1, 1, 1, 1)
+            s = sigma.view(-1, *([1] * (x0.ndim - 1)))
             xt = (1 - s) * x0 + s * eps
-            embeds, pooled = batch.prompt_embeds[dev_idx], batch.pooled[dev_idx]
+            cond = take(batch.cond, batch.prompt_index[idx])
             with torch.no_grad():
-                with self.policy("old"):
-                    v_old = self.velocity(xt, sigma, embeds, pooled)
-                v_ref = None
-                if cfg.kl_weight > 0:
-                    with self.policy("ref"):
-                        v_ref = self.velocity(xt, sigma, embeds, pooled)
-            v = self.velocity(xt, sigma, embeds, pooled)
+                v_old = a.velocity(xt, sigma, cond, "old")
+                v_ref = a.velocity(xt, sigma, cond, "ref") if cfg.kl_weight > 0 else None
+            v = a.velocity(xt, sigma, cond, "default")
+            cross = self.marble is not None and cfg.marble_options.get("gram_estimator") == "cross"
+            keys = [*names, COMBINED] if COMBINED in adv else names
             out = nft_losses(
                 v,
                 v_old,
                 x0,
                 xt,
                 sigma,
-                {k: adv[k][dev_idx] for k in names},
+                {k: adv[k][dev_idx] for k in keys},
                 beta=cfg.beta,
                 adv_clip=cfg.adv_clip,
-                masks={k: masks[k][dev_idx] for k in names},
+                masks={k: masks[k][dev_idx] for k in keys},
                 v_ref=v_ref,
                 kl_weight=cfg.kl_weight,
+                reduction="none" if cross else "mean",
             )
-            losses = {k: out.losses[k] / n_micro for k in names}
+            mean_losses = {k: out.losses[k].mean() if cross else out.losses[k] for k in keys}
+            losses = {k: mean_losses[k] / n_micro for k in names}
             kl = out.kl / n_micro if out.kl is not None else None
             for k in names:
-                sums[f"loss/{k}"] += float(out.losses[k].detach()) / n_micro
-            sums["loss"] += float(sum(out.losses[k].detach() for k in names)) / len(names) / n_micro
+                sums[f"loss/{k}"] += float(mean_losses[k].detach()) / n_micro
+            sums["loss"] += float(sum(mean_losses[k].detach() for k in names)) / len(names) / n_micro
             sums["kl"] += float(out.kl.detach()) / n_micro if out.kl is not None else 0.0
             if self.marble is not None:
-                shared = v if cfg.gram == "shared" else None
-                report = self.marble.backward(losses, shared=shared, extra=kl)
+                if cross:  # per-sample losses and prompt groups for the cross-batch Gram estimate
+                    per_sample = {k: out.losses[k] / n_micro for k in names}
+                    report = self.marble.backward(per_sample, groups=batch.group_ids[idx].to(self.device), extra=kl)
+                else:
+                    shared = v if cfg.gram == "shared" else None
+                    report = self.marble.backward(losses, shared=shared, extra=kl)
                 skipped |= report.skipped
                 if report.update_cosine:
                     for k in names:
@@ -803,30 +730,33 @@ class Trainer:
                             cos_sum[k] += report.update_cosine[k]
                             mean_cos_sum[k] += report.mean_cosine[k]
                             cos_count[k] += 1
-                raw_weights = report.raw_weights or raw_weights
+                if report.raw_weights:
+                    raw_count += 1
+                    for k in names:
+                        raw_sum[k] += float(report.raw_weights.get(k, 0.0))
             else:
-                cos, valid = shared_cosines(losses, v)
+                total = self._baseline_loss(losses, out.losses.get(COMBINED), n_micro)
+                cos, valid = update_cosines(losses, v, update=None if cfg.combine == "equal-alpha" else total)
+                mean_cos, _ = update_cosines(losses, v) if cfg.combine != "equal-alpha" else (cos, valid)
                 for k in names:
                     if valid[k]:
                         cos_sum[k] += cos[k]
-                        mean_cos_sum[k] += cos[k]
+                        mean_cos_sum[k] += mean_cos[k]
                         cos_count[k] += 1
-                total = sum(losses.values()) / len(names)
                 (total + kl if kl is not None else total).backward()
-        if acc.num_processes > 1:
-            skipped = bool(acc.reduce(torch.tensor(float(skipped), device=self.device), "sum") > 0)
-            if not skipped:
-                self._all_reduce_grads()
         grad_norm = float("nan")
         if not skipped:
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-            # MarbleOptimizer skips non-finite steps itself; the plain weighted sum needs this guard
+            # MarbleOptimizer skips non-finite steps itself; the baselines need this guard
             skipped = not math.isfinite(grad_norm)
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a grad
+        before = [p.detach().clone() for p in self.params] if self.track_update else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if before is not None:
+            self.last_update = [p.detach() - b for p, b in zip(self.params, before)]
         stats: dict[str, Any] = {**sums, "grad_norm": grad_norm, "skipped": skipped}
         for k in names:
             c = cos_count[k]
@@ -836,84 +766,93 @@ class Trainer:
             weights = self.marble.weights
             for k in names:
                 stats[f"weight/{k}"] = weights.get(k)
-                stats[f"raw_weight/{k}"] = raw_weights.get(k)
+                # alpha* before smoothing, averaged over the step's micro-batches (None on cached steps)
+                stats[f"raw_weight/{k}"] = raw_sum[k] / raw_count if raw_count else None
         else:
-            for k in names:
-                stats[f"weight/{k}"] = 1.0 / len(names)
+            for k, w in self.baseline_weights().items():
+                stats[f"weight/{k}"] = w
         cosines = [stats[f"cosine/{k}"] for k in names if stats[f"cosine/{k}"] is not None]
         mean_cosines = [stats[f"mean_cosine/{k}"] for k in names if stats[f"mean_cosine/{k}"] is not None]
         stats["worst_cosine"] = min(cosines) if cosines else None
         stats["worst_mean_cosine"] = min(mean_cosines) if mean_cosines else None
         return stats
 
-    def _all_reduce_grads(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        for p, g in zip(self.params, flat.split([p.numel() for p in self.params])):
-            p.grad = g.view_as(p).clone()
+    def stage(self) -> int:
+        """``--combine sequential``: the index of the reward trained at the current step
+        (stages of equal length over ``max_steps``, in the order of the rewards)."""
+        k = len(self.reward_names)
+        return min(k - 1, self.step * k // max(self.cfg.max_steps, 1))
+
+    def baseline_weights(self) -> dict[str, float]:
+        """The fixed weights of a baseline, as logged under ``weight/<name>``."""
+        names, cfg = self.reward_names, self.cfg
+        if cfg.combine == "sequential":
+            active = self.stage()
+            return {k: float(i == active) for i, k in enumerate(names)}
+        if cfg.combine == "weighted-sum":
+            raw = {k: float(cfg.reward_weights.get(k, 1.0)) for k in names}
+            total = sum(raw.values()) or 1.0
+            return {k: w / total for k, w in raw.items()}
+        return {k: 1.0 / len(names) for k in names}
+
+    def _baseline_loss(
+        self, losses: dict[str, torch.Tensor], combined: torch.Tensor | None, n_micro: int
+    ) -> torch.Tensor:
+        """The loss a baseline minimises (without the KL)."""
+        cfg = self.cfg
+        if cfg.combine == "weighted-sum":
+            assert combined is not None
+            return combined / n_micro
+        if cfg.combine == "sequential":
+            return losses[self.reward_names[self.stage()]]
+        return sum(losses.values()) / len(losses)
 
     @torch.no_grad()
     def update_old_policy(self) -> float:
-        """``θ_old ← d·θ_old + (1−d)·θ`` (``--old-update copy``: d = 0); returns d."""
+        """``θ_old ← d·θ_old + (1−d)·θ`` (``--old-update copy``: d = 0) and the model EMA; returns d."""
         cfg = self.cfg
         d = 0.0 if cfg.old_update == "copy" else old_policy_decay(self.step - 1, cfg.old_decay_rate, cfg.old_decay_max)
-        for key, p in self.named["default"].items():
-            self.named["old"][key].mul_(d).add_(p.detach(), alpha=1.0 - d)
+        policy = self.adapter.weights("default")
+        ema_update_(self.adapter.weights("old"), policy, d)
         if self.ema is not None:
-            for key, p in self.named["default"].items():
-                self.ema[key].mul_(self.cfg.model_ema_decay).add_(p.detach(), alpha=1.0 - self.cfg.model_ema_decay)
+            ema_update_(self.ema, policy, cfg.model_ema_decay)
         return d
 
     # ---- outputs ----------------------------------------------------------------------------------------
-    def lora_state(self, adapter: str) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-
-        if adapter == "ema":
+    def weight_tensors(self, which: str) -> dict[str, torch.Tensor]:
+        """CPU float32 copies of the ``"default"``, ``"old"`` or ``"ema"`` weights."""
+        if which == "ema":
             assert self.ema is not None
-            return {k: v.detach().cpu().contiguous() for k, v in self.ema.items()}
-        sd = get_peft_model_state_dict(self.transformer, adapter_name=adapter)
-        return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
-
-    def save_lora(self, path: Path, adapter: str) -> None:
-        """Save a LoRA adapter in diffusers' format (``pipe.load_lora_weights`` reads it)."""
-        from safetensors.torch import save_file
-
-        cfg = self.lora_config.to_dict()
-        cfg = {f"transformer.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-        metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(cfg, sort_keys=True, default=str)}
-        tensors = {f"transformer.{k}": v for k, v in self.lora_state(adapter).items()}
-        save_file(tensors, str(path), metadata=metadata)
+            src = self.ema
+        else:
+            src = self.adapter.weights(which)
+        return {k: v.detach().float().cpu().contiguous() for k, v in src.items()}
 
     @torch.no_grad()
-    def save_grid(self) -> Path:
-        """Images of fixed prompts from fixed noise with the current policy, as one PNG."""
-        from PIL import Image
-
-        cfg = self.cfg
-        prompts = [
-            self.sources[i % len(self.sources)][(i // len(self.sources)) % len(self.sources[i % len(self.sources)])]
-            for i in range(cfg.grid_prompts)
-        ]
+    def save_samples(self) -> None:
+        """Images of the adapter's fixed evaluation prompts from fixed noise with the current policy."""
+        cfg, a = self.cfg, self.adapter
+        prompts = a.eval_prompts()
         n = cfg.grid_images_per_prompt
-        gen = torch.Generator().manual_seed(cfg.seed + 12345)
-        embeds, pooled = self.encode(prompts)
+        gen = torch.Generator().manual_seed(a.eval_seed(cfg.seed))
+        cond = a.encode(prompts)
         images = []
         for i in range(len(prompts)):
-            noise = torch.randn((n, *self.latent_shape), generator=gen).to(self.device)
-            latents = self.sample(noise, embeds[i : i + 1].expand(n, -1, -1), pooled[i : i + 1].expand(n, -1))
-            images.append(self.decode(latents))
-        grid = torch.stack(images)  # (P, n, 3, H, W)
-        p, n, _, h, w = grid.shape
-        canvas = grid.permute(0, 3, 1, 4, 2).reshape(p * h, n * w, 3)
-        path = self.out / "samples" / f"step_{self.step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((canvas * 255).round().to(torch.uint8).numpy()).save(path)
-        (self.out / "samples" / "prompts.txt").write_text("\n".join(prompts) + "\n")
-        return path
+            noise = torch.randn((n, *a.latent_shape), generator=gen).to(self.device)
+            x = self.sample(noise, take(cond, torch.full((n,), i)), policy="default")
+            images.append(a.decode(x))
+        a.write_samples(self.out, self.step, torch.cat(images), prompts, n)
 
     def save_checkpoint(self) -> None:
+        from safetensors.torch import save_file
+
         acc = self.accelerator
         ckpt, tmp = self.out / "checkpoint", self.out / "checkpoint.tmp"
+        if acc.num_processes > 1:  # DDP keeps the replicas identical: check it before saving one of them
+            local = torch.stack([p.detach().double().sum() for p in self.params]).to(self.device)
+            every = acc.gather(local[None]).cpu()
+            if not torch.equal(every, every[:1].expand_as(every)):
+                raise RuntimeError(f"step {self.step}: the trained weights differ between processes")
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -923,11 +862,14 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, tmp / f"rng_{acc.process_index}.pt")
+        whiches = ("default", "old") + (("ema",) if self.ema is not None else ())
         if acc.is_main_process:
-            for adapter in ("default", "old") + (("ema",) if self.ema is not None else ()):
-                self.save_lora(tmp / f"lora_{adapter}.safetensors", adapter)
+            for which in whiches:
+                save_file(self.weight_tensors(which), str(tmp / f"weights_{which}.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save({"prompt_rng": self.prompt_rng.getstate()}, tmp / "prompt_rng.pt")
+            torch.save(
+                {"prompt_rng": self.prompt_rng.getstate(), "adapter": self.adapter.extra_state()}, tmp / "prompt_rng.pt"
+            )
             (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "num_processes": acc.num_processes}))
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -936,9 +878,7 @@ class Trainer:
                 ckpt.rename(old)
             tmp.rename(ckpt)
             shutil.rmtree(old, ignore_errors=True)
-            shutil.copyfile(ckpt / "lora_default.safetensors", self.out / "pytorch_lora_weights.safetensors")
-            if self.ema is not None:
-                shutil.copyfile(ckpt / "lora_ema.safetensors", self.out / "pytorch_lora_weights_ema.safetensors")
+            self.adapter.export(self.out, {w: self.weight_tensors(w) for w in whiches if w != "old"})
         acc.wait_for_everyone()
 
     def _load_checkpoint(self) -> None:
@@ -952,16 +892,16 @@ class Trainer:
                 f"--resume: the run used {state['num_processes']} processes, this one has "
                 f"{acc.num_processes}; resume with the same number"
             )
-        for adapter in ("default", "old") + (("ema",) if self.ema is not None else ()):
-            sd = load_file(str(ckpt / f"lora_{adapter}.safetensors"))
-            target = self.ema if adapter == "ema" else self.named[adapter]
+        for which in ("default", "old") + (("ema",) if self.ema is not None else ()):
+            sd = load_file(str(ckpt / f"weights_{which}.safetensors"))
+            target = self.ema if which == "ema" else self.adapter.weights(which)
             with torch.no_grad():
                 for key, p in target.items():
-                    p.copy_(sd[f"transformer.{key}"])
-        self.optimizer.load_state_dict(
-            torch.load(ckpt / "optimizer.pt", map_location="cpu")
-        )  # moved to the params by torch
-        self.prompt_rng.setstate(torch.load(ckpt / "prompt_rng.pt")["prompt_rng"])
+                    p.copy_(sd[key])
+        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))  # moved by torch
+        extra = torch.load(ckpt / "prompt_rng.pt")
+        self.prompt_rng.setstate(extra["prompt_rng"])
+        self.adapter.load_extra_state(extra.get("adapter", {}))
         rng = torch.load(ckpt / f"rng_{acc.process_index}.pt")
         self.gen.set_state(rng["gen"])
         torch.set_rng_state(rng["torch"])
@@ -984,9 +924,18 @@ class Trainer:
                 metrics.write_text("".join(r + "\n" for r in rows))
             elif not cfg.resume:
                 metrics.write_text("")
+        if cfg.report_to != "none":
+            acc.init_trackers(
+                "sd35_marble",
+                config={
+                    k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in asdict(cfg).items()
+                },
+            )
         if self.step >= cfg.max_steps:
             acc.print(f"nothing to do: the run in {self.out} is at step {self.step} >= --max-steps {cfg.max_steps}")
             return 0
+        if self.step == 0 and self.adapter.sample_at_start and acc.is_main_process:
+            self.save_samples()
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
@@ -1028,8 +977,14 @@ class Trainer:
             if acc.is_main_process:
                 with metrics.open("a") as fh:
                     fh.write(json.dumps({k: finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n")
+            if cfg.report_to != "none":
+                acc.log(
+                    {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=self.step
+                )
+            for callback in self.step_callbacks:
+                callback(self, row, batch, adv, masks)
             if acc.is_main_process and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
-                self.save_grid()
+                self.save_samples()
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                 self.save_checkpoint()
             bar.update(1)
@@ -1040,6 +995,19 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         return 0
+
+
+def finished_same_run(cfg: Config) -> bool:
+    """True when ``cfg.output_dir`` holds a run with this exact configuration at ``max_steps``."""
+    out = Path(cfg.output_dir)
+    try:
+        saved = json.loads((out / "config.json").read_text())
+        step = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return False
+    mine = asdict(cfg)
+    same = all(saved.get(k) == v for k, v in mine.items() if k not in ("resume", "output_dir"))
+    return same and step >= cfg.max_steps
 
 
 def list_rewards() -> str:
@@ -1060,13 +1028,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         ckpt = Path(cfg.output_dir) / "checkpoint"
         if not cfg.resume and ckpt.exists():
+            if finished_same_run(cfg):  # the same command again: nothing left to do
+                print(f"nothing to do: the run in {cfg.output_dir} already reached --max-steps {cfg.max_steps}")
+                return 0
             raise ConfigError(
                 f"{cfg.output_dir!r} already holds a run (checkpoint/): pass --resume to continue "
                 "it, or choose another --output-dir"
             )
-        prompts = load_prompt_files(cfg.prompt_files)
-        rewards = build_rewards(cfg.rewards, cfg.reward_options)  # loads reward models: fail before the SD3 model
-        trainer = Trainer(cfg, prompts, rewards)
+        if cfg.preset in ("tiny", "sd35-medium"):
+            load_prompt_files(cfg.prompt_files)  # fail on bad prompt files before any model loads
+        trainer = Trainer(cfg)  # rewards are built after the Accelerator, before the model
     except (ConfigError, RewardLoadError, ValueError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
