@@ -21,6 +21,11 @@ One optimizer step:
    the K losses (+ KL), the DiffusionNFT baseline;
 7. clip, step, then ``θ_old ← d·θ_old + (1−d)·θ`` with ``d = min(rate·step, max)``.
 
+The loop is written once against ``adapters.base.ModelAdapter`` (condition encoding,
+velocity of the default/old/reference policy, decoding, latent shape, weights); the SD3
+specifics live in ``adapters/sd3.py``; the model-independent maths (advantages, NFT losses,
+samplers, old-policy/EMA updates, update cosines) in ``marble_opt.rl``.
+
 Presets: ``tiny`` (default) builds a randomly initialised SD3 pipeline from configs and uses
 pixel rewards — a CPU runs it in seconds with no network; ``sd35-medium`` loads
 ``stabilityai/stable-diffusion-3.5-medium`` with the MARBLE authors' recipe.
@@ -40,15 +45,13 @@ Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per optimizer st
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import random
 import shutil
 import sys
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -58,19 +61,25 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-from rewards import REWARDS, Reward, RewardLoadError, build_rewards, check_reward_names  # noqa: E402
+from adapters import Cond, ConfigError, ModelAdapter, adapter_class, take  # noqa: E402
+from adapters.sd3 import ATTENTION_TARGETS, SD35_MEDIUM, load_prompt_files  # noqa: E402
+from rewards import REWARDS, RewardLoadError, check_reward_names  # noqa: E402
 
-#: The 8 attention projections the MARBLE authors put LoRA on (no FFN). In SD3.5's
-#: dual-attention blocks the second self-attention's to_q/to_k/to_v/to_out.0 match too.
-ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+from marble_opt.rl import (  # noqa: E402
+    ema_update_,
+    flow_sample,
+    group_advantages,
+    nft_losses,
+    old_policy_decay,
+    reward_masks,
+    update_cosines,
+)
+
 DEFAULT_PROMPTS = [str(HERE / "prompts" / f) for f in ("general.txt", "ocr.txt", "geneval.txt")]
 #: Fields a resumed run must keep: changing them would not continue the same run.
 FIXED_ON_RESUME = ("preset", "model", "seed", "rewards", "combine", "lora_rank", "lora_alpha", "lora_targets", "gram")
 
-
-class ConfigError(ValueError):
-    """Bad input found before training: reported as ``error: ...`` with exit status 2."""
+__all__ = ["ATTENTION_TARGETS", "Config", "ConfigError", "PRESETS", "Trainer", "load_prompt_files", "main"]
 
 
 @dataclass
@@ -402,50 +411,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--lora-targets is empty")
 
 
-def load_prompt_files(paths: Sequence[str]) -> list[list[str]]:
-    """One list of prompts per file (blank lines and ``#`` comments skipped); errors if empty."""
-    if not paths:
-        raise ConfigError("--prompt-files is empty: give at least one file of prompts")
-    out = []
-    for path in paths:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"prompt file {path!r} does not exist")
-        prompts = [ln.strip() for ln in file.read_text(encoding="utf-8").splitlines()]
-        prompts = [p for p in prompts if p and not p.startswith("#")]
-        if not prompts:
-            raise ConfigError(f"prompt file {path!r} is empty (no prompts after skipping blank lines and # comments)")
-        out.append(prompts)
-    return out
-
-
-# ---- maths helpers -------------------------------------------------------------------------------
-def shared_cosines(losses: dict[str, torch.Tensor], shared: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
-    """Cosine of each loss's gradient with the plain mean of the gradients, w.r.t. ``shared``.
-
-    The weighted-sum baseline's diagnostic: gradients are taken w.r.t. the predicted
-    velocity (the same "shared" approximation MARBLE balances with), K small backward
-    passes through the loss only. Returns ``(cosines, valid)`` where ``valid`` is 1.0 for a
-    loss with a non-zero gradient (a reward with no applicable sample has none).
-    """
-    grads = [torch.autograd.grad(loss, shared, retain_graph=True)[0].flatten().double() for loss in losses.values()]
-    rows = torch.stack(grads)
-    gram = rows @ rows.T
-    norms = gram.diagonal().clamp(min=0).sqrt()
-    valid = norms > 1e-12
-    w = valid.double() / valid.sum().clamp(min=1)
-    gw = gram @ w
-    d_norm = (w @ gw).clamp(min=0).sqrt()
-    cos = torch.where(valid & (d_norm > 0), gw / (d_norm * norms).clamp(min=1e-300), torch.zeros_like(gw))
-    names = list(losses)
-    return ({n: float(c) for n, c in zip(names, cos.clamp(-1, 1))}, {n: float(v) for n, v in zip(names, valid)})
-
-
-def old_policy_decay(step: int, rate: float, cap: float) -> float:
-    """``d = min(rate·step, cap)`` (DiffusionNFT's schedule; ``step`` counts from 0)."""
-    return min(rate * step, cap)
-
-
+# ---- small helpers -------------------------------------------------------------------------------
 def finite_or_none(value: Any) -> Any:
     """JSON has no NaN: non-finite floats are logged as null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -458,27 +424,26 @@ def nan_mean(x: torch.Tensor) -> float | None:
     return float(finite.mean()) if finite.numel() else None
 
 
-# ---- the trainer ---------------------------------------------------------------------------------
+# ---- the trainer: the RL loop, written once against ModelAdapter -------------------------------------
 @dataclass
 class Rollout:
-    prompts: list[str]
+    prompts: list[Any]  # (B,) one prompt per sample
     group_ids: torch.Tensor  # (B,) global group index
-    x0: torch.Tensor  # (B, C, h, w) final latents, float32
-    prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
-    images: torch.Tensor  # (B, 3, H, W) in [0, 1], float32, CPU
+    prompt_index: torch.Tensor  # (B,) row of ``cond`` of each sample
+    x0: torch.Tensor  # (B, *latent_shape) final samples, float32
+    cond: Cond  # one row per (local) prompt
+    images: torch.Tensor  # decoded samples for the rewards, float32, CPU
 
 
 class Trainer:
-    def __init__(self, cfg: Config, prompt_sources: list[list[str]], rewards: list[Reward]) -> None:
+    """DiffusionNFT multi-reward RL with MARBLE (or a baseline) for any ``ModelAdapter``."""
+
+    def __init__(self, cfg: Config, rewards: list[Any] | None = None) -> None:
         from accelerate import Accelerator
 
         self.cfg = cfg
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
-        self.sources = prompt_sources
-        self.rewards = rewards
-        self.reward_names = [r.name for r in rewards]
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
         acc = self.accelerator
         if cfg.prompts_per_step % acc.num_processes:
@@ -487,22 +452,19 @@ class Trainer:
                 f"({acc.num_processes})"
             )
         self.device = acc.device
-        self.weight_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         self.out = Path(cfg.output_dir)
         self.local_prompts = cfg.prompts_per_step // acc.num_processes
-
-        self.pipe = self._load_pipeline()
-        factor = self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
-        if cfg.resolution % factor:
-            raise ConfigError(f"--resolution {cfg.resolution} must be a multiple of {factor} for this model")
-        self.transformer = self.pipe.transformer
-        self.vae = self.pipe.vae
-        self.latent_shape = (
-            self.transformer.config.in_channels,
-            cfg.resolution // self.pipe.vae_scale_factor,
-            cfg.resolution // self.pipe.vae_scale_factor,
+        adapter_cls = adapter_class(cfg.preset)
+        # rewards after the Accelerator (each rank's models on its device), before the model
+        self.rewards = rewards if rewards is not None else adapter_cls.build_rewards(cfg, self.device)
+        self.reward_names = [r.name for r in self.rewards]
+        self.adapter: ModelAdapter = adapter_cls(cfg, acc)
+        self.params = list(self.adapter.weights("default").values())
+        self.ema = (
+            {k: p.detach().clone() for k, p in self.adapter.weights("default").items()}
+            if cfg.model_ema_decay > 0
+            else None
         )
-        self._setup_lora()
 
         from marble_opt import MarbleOptimizer
 
@@ -516,213 +478,42 @@ class Trainer:
             self.marble = None
             self.optimizer = base
 
-        self.pipe.scheduler.set_timesteps(cfg.sampling_steps, device="cpu")
-        self.sigmas = self.pipe.scheduler.sigmas.to(torch.float32).clone()  # (n+1,), last is 0
+        self.sigmas = self.adapter.sigmas
         self.prompt_rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index + 1)
         self.step = 0
         if cfg.resume:
             self._load_checkpoint()
 
-    # ---- model ----------------------------------------------------------------------------------
-    def _load_pipeline(self):
-        cfg = self.cfg
-        if cfg.preset == "tiny":
-            from tiny import build_tiny_pipeline
-
-            pipe = build_tiny_pipeline(
-                [p for src in self.sources for p in src], seed=cfg.seed, max_length=cfg.max_sequence_length
-            )
-        else:
-            from diffusers import StableDiffusion3Pipeline
-
-            try:
-                with warnings.catch_warnings():  # newer diffusers prefer dtype=, older only know torch_dtype=
-                    warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                    pipe = StableDiffusion3Pipeline.from_pretrained(
-                        cfg.model, torch_dtype={"default": self.weight_dtype, "vae": torch.float32}
-                    )
-            except Exception as exc:  # noqa: BLE001
-                raise ConfigError(
-                    f"could not load the SD3 pipeline {cfg.model!r} ({type(exc).__name__}: {exc}). "
-                    "SD3.5 Medium is gated on the hub: accept its licence and log in (hf auth login), "
-                    "or pass --model /local/dir with the diffusers files"
-                ) from exc
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"):
-            module = getattr(pipe, name)
-            if module is None:
-                continue
-            dtype = torch.float32 if name == "vae" else self.weight_dtype  # the VAE decodes in float32
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
-            module.to(self.device).eval().requires_grad_(False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def _setup_lora(self) -> None:
-        from peft import LoraConfig
-
-        cfg = self.cfg
-
-        def lora_config() -> LoraConfig:
-            return LoraConfig(
-                r=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=list(cfg.lora_targets),
-            )
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            try:
-                self.transformer.add_adapter(lora_config(), adapter_name="default")
-            except ValueError as exc:
-                raise ConfigError(f"--lora-targets {cfg.lora_targets}: {exc}") from exc
-            with warnings.catch_warnings():  # peft warns that a second adapter is being added: intended
-                warnings.simplefilter("ignore", UserWarning)
-                self.transformer.add_adapter(lora_config(), adapter_name="old")
-        self.transformer.set_adapter("default")
-        self.lora_config = lora_config()
-        if cfg.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        self.named = {a: self._adapter_params(a) for a in ("default", "old")}
-        for adapter in self.named.values():  # trainable LoRA weights in float32, base may be bf16
-            for p in adapter.values():
-                p.data = p.data.float()
-        self.params = list(self.named["default"].values())
-        if not self.params or not all(p.requires_grad for p in self.params):
-            raise RuntimeError("LoRA setup failed: the default adapter has no trainable parameter")
-        with torch.no_grad():  # the old policy starts as the policy
-            for key, p in self.named["default"].items():
-                self.named["old"][key].copy_(p)
-        self.ema = (
-            {k: p.detach().clone() for k, p in self.named["default"].items()} if cfg.model_ema_decay > 0 else None
-        )
-
-    def _adapter_params(self, adapter: str) -> dict[str, torch.nn.Parameter]:
-        """``{peft state-dict key: parameter}`` of one adapter (key without the adapter name)."""
-        tag = f".{adapter}."
-        return {n.replace(tag, "."): p for n, p in self.transformer.named_parameters() if tag in n}
-
-    @contextlib.contextmanager
-    def policy(self, which: str) -> Iterator[None]:
-        """Run the transformer as the ``"old"`` policy or the LoRA-free ``"ref"`` model.
-
-        peft's ``set_adapter`` / ``enable_adapters`` also toggle ``requires_grad``; switching
-        back to ``"default"`` afterwards makes exactly its weights trainable again.
-        """
-        try:
-            if which == "old":
-                self.transformer.set_adapter("old")
-            elif which == "ref":
-                self.transformer.disable_adapters()
-            else:
-                raise ValueError(which)
-            yield
-        finally:
-            if which == "ref":
-                self.transformer.enable_adapters()
-            self.transformer.set_adapter("default")
-
-    def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor
-    ) -> torch.Tensor:
-        """The transformer's flow-matching velocity ``v = ε − x0`` at time ``sigma`` (B,), float32."""
-        with self.accelerator.autocast():
-            out = self.transformer(
-                hidden_states=x.to(self.weight_dtype),
-                timestep=(sigma * 1000.0).to(x.device),
-                encoder_hidden_states=embeds,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]
-        return out.float()
-
+    # ---- sampling -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.cfg.max_sequence_length,
-        )
-        return embeds.to(self.weight_dtype), pooled.to(self.weight_dtype)
-
-    @torch.no_grad()
-    def sample(self, noise: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """Deterministic flow-matching sampling from ``noise`` over ``self.sigmas`` (no CFG).
-
-        ``euler``: ``x ← x + (σ_next − σ)·v``. ``dpm2``: DPM-Solver++(2M) in the data
-        prediction ``x̂0 = x − σ·v`` with ``α = 1 − σ``; its first-order step is exactly
-        Euler, and the first and last steps are first order.
-        """
-        x = noise.float()
-        sig = self.sigmas.tolist()
-        prev_x0: torch.Tensor | None = None
-        prev_h: float | None = None
-        for i in range(len(sig) - 1):
-            s, s_next = sig[i], sig[i + 1]
-            v = self.velocity(x, torch.full((x.shape[0],), s, device=x.device), embeds, pooled)
-            if self.cfg.sampler == "euler":
-                x = x + (s_next - s) * v
-                continue
-            x0 = x - s * v
-            h = None
-            if 0.0 < s < 1.0 and 0.0 < s_next < 1.0:
-                h = math.log((1 - s_next) / s_next) - math.log((1 - s) / s)
-            d = x0
-            if prev_x0 is not None and h is not None and prev_h is not None and s_next > 0:
-                r = prev_h / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
-            # x_next = (σ_next/σ)·x + (α_next − σ_next·α/σ)·D
-            x = (s_next / s) * x + ((1 - s_next) - s_next * (1 - s) / s) * d
-            prev_x0, prev_h = x0, h
-        return x
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images in [0, 1] (B, 3, H, W), float32 on the CPU."""
-        out = []
-        sf, shift = self.vae.config.scaling_factor, self.vae.config.shift_factor or 0.0
-        for chunk in latents.split(self.cfg.sample_batch_size):
-            img = self.vae.decode(chunk.float() / sf + shift, return_dict=False)[0]
-            out.append((img.float() / 2 + 0.5).clamp(0, 1).cpu())
-        return torch.cat(out)
-
-    # ---- one optimizer step --------------------------------------------------------------------------
-    def draw_prompts(self) -> list[str]:
-        """``prompts_per_step`` prompts, equally from each source (same on every process)."""
-        n = len(self.sources)
-        offset = self.prompt_rng.randrange(n)
-        return [self.prompt_rng.choice(self.sources[(offset + j) % n]) for j in range(self.cfg.prompts_per_step)]
+    def sample(self, noise: torch.Tensor, cond: Cond, policy: str = "old") -> torch.Tensor:
+        """Deterministic sampling with ``cfg.sampler`` (``marble_opt.rl.flow_sample``), one row of
+        ``cond`` per sample."""
+        a = self.adapter
+        return flow_sample(lambda x, t: a.velocity(x, t, cond, policy), noise, self.sigmas, self.cfg.sampler)
 
     @torch.no_grad()
     def rollout(self) -> Rollout:
         cfg, acc = self.cfg, self.accelerator
         start = acc.process_index * self.local_prompts
-        mine = self.draw_prompts()[start : start + self.local_prompts]
-        embeds, pooled = self.encode(mine)
+        mine = self.adapter.draw_prompts(self.prompt_rng, cfg.prompts_per_step)[start : start + self.local_prompts]
+        cond = self.adapter.encode(mine)
         g = cfg.group_size
-        embeds, pooled = embeds.repeat_interleave(g, 0), pooled.repeat_interleave(g, 0)
+        prompt_index = torch.arange(len(mine)).repeat_interleave(g)
         prompts = [p for p in mine for _ in range(g)]
         group_ids = torch.arange(start, start + len(mine)).repeat_interleave(g)
         latents = []
-        with self.policy("old"):
-            for lo in range(0, len(prompts), cfg.sample_batch_size):
-                hi = min(lo + cfg.sample_batch_size, len(prompts))
-                noise = torch.randn((hi - lo, *self.latent_shape), generator=self.gen).to(self.device)
-                latents.append(self.sample(noise, embeds[lo:hi], pooled[lo:hi]))
+        for lo in range(0, len(prompts), cfg.sample_batch_size):
+            hi = min(lo + cfg.sample_batch_size, len(prompts))
+            noise = torch.randn((hi - lo, *self.adapter.latent_shape), generator=self.gen).to(self.device)
+            latents.append(self.sample(noise, take(cond, prompt_index[lo:hi])))
         x0 = torch.cat(latents)
-        return Rollout(prompts, group_ids, x0, embeds, pooled, self.decode(x0))
+        return Rollout(prompts, group_ids, prompt_index, x0, cond, self.adapter.decode(x0))
 
     def score(self, batch: Rollout) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Local rewards, then advantages over the whole (all-process) batch; returns
         ``(gathered rewards, local advantages, local masks)``."""
-        from marble_opt.rl import group_advantages
-
         acc = self.accelerator
         local = {r.name: r(batch.images, batch.prompts).float() for r in self.rewards}
         gathered = {k: acc.gather(v.to(self.device)).cpu() for k, v in local.items()}
@@ -731,15 +522,14 @@ class Trainer:
         n = batch.x0.shape[0]
         lo = acc.process_index * n
         adv_local = {k: a[lo : lo + n].to(self.device) for k, a in adv.items()}
-        masks = {k: torch.isfinite(v).to(self.device) for k, v in local.items()}
+        masks = {k: m.to(self.device) for k, m in reward_masks(local).items()}
         return gathered, adv_local, masks
 
+    # ---- one optimizer step --------------------------------------------------------------------------
     def train_step(
         self, batch: Rollout, adv: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
-        from marble_opt.rl import nft_losses
-
-        cfg, acc = self.cfg, self.accelerator
+        cfg, acc, a = self.cfg, self.accelerator, self.adapter
         b = batch.x0.shape[0]
         n_sched = len(self.sigmas) - 1
         # each sample is trained on train_timesteps distinct timesteps of its schedule
@@ -763,17 +553,13 @@ class Trainer:
             sigma = self.sigmas[slots[idx, j]].to(self.device)
             x0 = batch.x0[dev_idx]
             eps = torch.randn(x0.shape, generator=self.gen).to(self.device)
-            s = sigma.view(-1, 1, 1, 1)
+            s = sigma.view(-1, *([1] * (x0.ndim - 1)))
             xt = (1 - s) * x0 + s * eps
-            embeds, pooled = batch.prompt_embeds[dev_idx], batch.pooled[dev_idx]
+            cond = take(batch.cond, batch.prompt_index[idx])
             with torch.no_grad():
-                with self.policy("old"):
-                    v_old = self.velocity(xt, sigma, embeds, pooled)
-                v_ref = None
-                if cfg.kl_weight > 0:
-                    with self.policy("ref"):
-                        v_ref = self.velocity(xt, sigma, embeds, pooled)
-            v = self.velocity(xt, sigma, embeds, pooled)
+                v_old = a.velocity(xt, sigma, cond, "old")
+                v_ref = a.velocity(xt, sigma, cond, "ref") if cfg.kl_weight > 0 else None
+            v = a.velocity(xt, sigma, cond, "default")
             out = nft_losses(
                 v,
                 v_old,
@@ -805,7 +591,7 @@ class Trainer:
                             cos_count[k] += 1
                 raw_weights = report.raw_weights or raw_weights
             else:
-                cos, valid = shared_cosines(losses, v)
+                cos, valid = update_cosines(losses, v)
                 for k in names:
                     if valid[k]:
                         cos_sum[k] += cos[k]
@@ -854,64 +640,43 @@ class Trainer:
 
     @torch.no_grad()
     def update_old_policy(self) -> float:
-        """``θ_old ← d·θ_old + (1−d)·θ`` (``--old-update copy``: d = 0); returns d."""
+        """``θ_old ← d·θ_old + (1−d)·θ`` (``--old-update copy``: d = 0) and the model EMA; returns d."""
         cfg = self.cfg
         d = 0.0 if cfg.old_update == "copy" else old_policy_decay(self.step - 1, cfg.old_decay_rate, cfg.old_decay_max)
-        for key, p in self.named["default"].items():
-            self.named["old"][key].mul_(d).add_(p.detach(), alpha=1.0 - d)
+        policy = self.adapter.weights("default")
+        ema_update_(self.adapter.weights("old"), policy, d)
         if self.ema is not None:
-            for key, p in self.named["default"].items():
-                self.ema[key].mul_(self.cfg.model_ema_decay).add_(p.detach(), alpha=1.0 - self.cfg.model_ema_decay)
+            ema_update_(self.ema, policy, cfg.model_ema_decay)
         return d
 
     # ---- outputs ----------------------------------------------------------------------------------------
-    def lora_state(self, adapter: str) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-
-        if adapter == "ema":
+    def weight_tensors(self, which: str) -> dict[str, torch.Tensor]:
+        """CPU float32 copies of the ``"default"``, ``"old"`` or ``"ema"`` weights."""
+        if which == "ema":
             assert self.ema is not None
-            return {k: v.detach().cpu().contiguous() for k, v in self.ema.items()}
-        sd = get_peft_model_state_dict(self.transformer, adapter_name=adapter)
-        return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
-
-    def save_lora(self, path: Path, adapter: str) -> None:
-        """Save a LoRA adapter in diffusers' format (``pipe.load_lora_weights`` reads it)."""
-        from safetensors.torch import save_file
-
-        cfg = self.lora_config.to_dict()
-        cfg = {f"transformer.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-        metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(cfg, sort_keys=True, default=str)}
-        tensors = {f"transformer.{k}": v for k, v in self.lora_state(adapter).items()}
-        save_file(tensors, str(path), metadata=metadata)
+            src = self.ema
+        else:
+            src = self.adapter.weights(which)
+        return {k: v.detach().float().cpu().contiguous() for k, v in src.items()}
 
     @torch.no_grad()
-    def save_grid(self) -> Path:
-        """Images of fixed prompts from fixed noise with the current policy, as one PNG."""
-        from PIL import Image
-
-        cfg = self.cfg
-        prompts = [
-            self.sources[i % len(self.sources)][(i // len(self.sources)) % len(self.sources[i % len(self.sources)])]
-            for i in range(cfg.grid_prompts)
-        ]
+    def save_samples(self) -> None:
+        """Images of the adapter's fixed evaluation prompts from fixed noise with the current policy."""
+        cfg, a = self.cfg, self.adapter
+        prompts = a.eval_prompts()
         n = cfg.grid_images_per_prompt
-        gen = torch.Generator().manual_seed(cfg.seed + 12345)
-        embeds, pooled = self.encode(prompts)
+        gen = torch.Generator().manual_seed(a.eval_seed(cfg.seed))
+        cond = a.encode(prompts)
         images = []
         for i in range(len(prompts)):
-            noise = torch.randn((n, *self.latent_shape), generator=gen).to(self.device)
-            latents = self.sample(noise, embeds[i : i + 1].expand(n, -1, -1), pooled[i : i + 1].expand(n, -1))
-            images.append(self.decode(latents))
-        grid = torch.stack(images)  # (P, n, 3, H, W)
-        p, n, _, h, w = grid.shape
-        canvas = grid.permute(0, 3, 1, 4, 2).reshape(p * h, n * w, 3)
-        path = self.out / "samples" / f"step_{self.step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((canvas * 255).round().to(torch.uint8).numpy()).save(path)
-        (self.out / "samples" / "prompts.txt").write_text("\n".join(prompts) + "\n")
-        return path
+            noise = torch.randn((n, *a.latent_shape), generator=gen).to(self.device)
+            x = self.sample(noise, take(cond, torch.full((n,), i)), policy="default")
+            images.append(a.decode(x))
+        a.write_samples(self.out, self.step, torch.cat(images), prompts, n)
 
     def save_checkpoint(self) -> None:
+        from safetensors.torch import save_file
+
         acc = self.accelerator
         ckpt, tmp = self.out / "checkpoint", self.out / "checkpoint.tmp"
         acc.wait_for_everyone()
@@ -923,11 +688,14 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, tmp / f"rng_{acc.process_index}.pt")
+        whiches = ("default", "old") + (("ema",) if self.ema is not None else ())
         if acc.is_main_process:
-            for adapter in ("default", "old") + (("ema",) if self.ema is not None else ()):
-                self.save_lora(tmp / f"lora_{adapter}.safetensors", adapter)
+            for which in whiches:
+                save_file(self.weight_tensors(which), str(tmp / f"weights_{which}.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save({"prompt_rng": self.prompt_rng.getstate()}, tmp / "prompt_rng.pt")
+            torch.save(
+                {"prompt_rng": self.prompt_rng.getstate(), "adapter": self.adapter.extra_state()}, tmp / "prompt_rng.pt"
+            )
             (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "num_processes": acc.num_processes}))
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -936,9 +704,7 @@ class Trainer:
                 ckpt.rename(old)
             tmp.rename(ckpt)
             shutil.rmtree(old, ignore_errors=True)
-            shutil.copyfile(ckpt / "lora_default.safetensors", self.out / "pytorch_lora_weights.safetensors")
-            if self.ema is not None:
-                shutil.copyfile(ckpt / "lora_ema.safetensors", self.out / "pytorch_lora_weights_ema.safetensors")
+            self.adapter.export(self.out, {w: self.weight_tensors(w) for w in whiches if w != "old"})
         acc.wait_for_everyone()
 
     def _load_checkpoint(self) -> None:
@@ -952,16 +718,16 @@ class Trainer:
                 f"--resume: the run used {state['num_processes']} processes, this one has "
                 f"{acc.num_processes}; resume with the same number"
             )
-        for adapter in ("default", "old") + (("ema",) if self.ema is not None else ()):
-            sd = load_file(str(ckpt / f"lora_{adapter}.safetensors"))
-            target = self.ema if adapter == "ema" else self.named[adapter]
+        for which in ("default", "old") + (("ema",) if self.ema is not None else ()):
+            sd = load_file(str(ckpt / f"weights_{which}.safetensors"))
+            target = self.ema if which == "ema" else self.adapter.weights(which)
             with torch.no_grad():
                 for key, p in target.items():
-                    p.copy_(sd[f"transformer.{key}"])
-        self.optimizer.load_state_dict(
-            torch.load(ckpt / "optimizer.pt", map_location="cpu")
-        )  # moved to the params by torch
-        self.prompt_rng.setstate(torch.load(ckpt / "prompt_rng.pt")["prompt_rng"])
+                    p.copy_(sd[key])
+        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))  # moved by torch
+        extra = torch.load(ckpt / "prompt_rng.pt")
+        self.prompt_rng.setstate(extra["prompt_rng"])
+        self.adapter.load_extra_state(extra.get("adapter", {}))
         rng = torch.load(ckpt / f"rng_{acc.process_index}.pt")
         self.gen.set_state(rng["gen"])
         torch.set_rng_state(rng["torch"])
@@ -987,6 +753,8 @@ class Trainer:
         if self.step >= cfg.max_steps:
             acc.print(f"nothing to do: the run in {self.out} is at step {self.step} >= --max-steps {cfg.max_steps}")
             return 0
+        if self.step == 0 and self.adapter.sample_at_start and acc.is_main_process:
+            self.save_samples()
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
@@ -1029,7 +797,7 @@ class Trainer:
                 with metrics.open("a") as fh:
                     fh.write(json.dumps({k: finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n")
             if acc.is_main_process and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
-                self.save_grid()
+                self.save_samples()
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                 self.save_checkpoint()
             bar.update(1)
@@ -1064,9 +832,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{cfg.output_dir!r} already holds a run (checkpoint/): pass --resume to continue "
                 "it, or choose another --output-dir"
             )
-        prompts = load_prompt_files(cfg.prompt_files)
-        rewards = build_rewards(cfg.rewards, cfg.reward_options)  # loads reward models: fail before the SD3 model
-        trainer = Trainer(cfg, prompts, rewards)
+        if cfg.preset in ("tiny", "sd35-medium"):
+            load_prompt_files(cfg.prompt_files)  # fail on bad prompt files before any model loads
+        trainer = Trainer(cfg)  # rewards are built after the Accelerator, before the model
     except (ConfigError, RewardLoadError, ValueError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

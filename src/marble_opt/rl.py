@@ -6,6 +6,12 @@
 - ``nft_losses``: the DiffusionNFT loss of each reward, all sharing one graph through the
   predicted velocity, ready for ``MarbleOptimizer.step(out.losses, shared=v_theta,
   extra=out.kl)``.
+- ``update_cosines``: cosine of each loss's gradient with an update direction, both taken
+  with respect to a shared tensor (the diagnostic for an unbalanced baseline).
+- ``old_policy_decay`` and ``ema_update_``: DiffusionNFT's old-policy schedule and the
+  in-place EMA (lerp) of parameter dicts it and a model EMA use.
+- ``flow_sample``: deterministic flow-matching samplers (Euler, DPM-Solver++(2M)) over any
+  velocity function.
 
 Typical use, with rewards that may be NaN where they do not apply::
 
@@ -22,13 +28,27 @@ one ``Σ_k w_k ∇L_k = ∇L(Σ_k w_k r_k)``: balancing K rewards costs one back
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["NFTLosses", "group_advantages", "nft_losses", "optimality_probability", "reward_masks"]
+__all__ = [
+    "FLOW_SAMPLERS",
+    "NFTLosses",
+    "ema_update_",
+    "flow_sample",
+    "group_advantages",
+    "nft_losses",
+    "old_policy_decay",
+    "optimality_probability",
+    "reward_masks",
+    "update_cosines",
+]
+#: Names of the samplers ``flow_sample`` offers.
+FLOW_SAMPLERS = ("euler", "dpm2")
 
 
 def _check_batch(name: str, value: Tensor, batch: int) -> Tensor:
@@ -215,3 +235,148 @@ def nft_losses(
             raise ValueError(f"v_ref must have the shape of v_theta {tuple(v_theta.shape)}, got {tuple(v_ref.shape)}")
         kl = kl_weight * ((v_theta - v_ref.detach()) ** 2).mean()
     return NFTLosses(losses, kl)
+
+
+def update_cosines(
+    losses: Mapping[str, Tensor],
+    shared: Tensor,
+    *,
+    update: Tensor | None = None,
+) -> tuple[dict[str, float], dict[str, bool]]:
+    """Cosine of each loss's gradient with the update direction, gradients taken w.r.t. ``shared``.
+
+    The diagnostic for an unbalanced baseline: with ``shared`` the predicted velocity (the
+    "shared" approximation MARBLE balances with), each gradient is one cheap backward
+    through the loss only; the graph is kept for the real backward.
+
+    Args:
+        losses: ``{name: scalar loss}``, each a function of ``shared``.
+        shared: the tensor the gradients are taken with respect to (requires grad).
+        update: optional scalar loss whose gradient is the update direction (for example
+            DiffusionNFT's single weighted-sum loss); default: the plain mean of the gradients
+            of the losses that have one.
+
+    Returns:
+        ``(cosines, valid)``: ``{name: cosine in [-1, 1]}`` and ``{name: bool}``, False for a
+        loss whose gradient is zero (a reward with no applicable sample); its cosine is 0.
+    """
+    if not isinstance(losses, Mapping) or not losses:
+        raise ValueError("losses must be a non-empty dict {name: scalar tensor}")
+    names = list(losses)
+    grads = [torch.autograd.grad(losses[k], shared, retain_graph=True, allow_unused=True)[0] for k in names]
+    rows = torch.stack([(g if g is not None else torch.zeros_like(shared)).flatten().double() for g in grads])
+    norms = rows.norm(dim=1)
+    valid = norms > 1e-12
+    if update is None:
+        w = valid.double() / valid.sum().clamp(min=1)
+        direction = w @ rows
+    else:
+        g = torch.autograd.grad(update, shared, retain_graph=True, allow_unused=True)[0]
+        direction = (g if g is not None else torch.zeros_like(shared)).flatten().double()
+    d_norm = direction.norm()
+    dots = rows @ direction
+    ok = valid & (d_norm > 0)
+    cos = torch.where(ok, dots / (d_norm * norms).clamp(min=1e-300), torch.zeros_like(dots)).clamp(-1, 1)
+    return {n: float(c) for n, c in zip(names, cos)}, {n: bool(v) for n, v in zip(names, valid)}
+
+
+def old_policy_decay(step: int, rate: float = 0.001, cap: float = 0.95) -> float:
+    """DiffusionNFT's old-policy decay ``d = min(rate·step, cap)`` (``step`` counts from 0).
+
+    The old policy is then updated as ``θ_old ← d·θ_old + (1−d)·θ`` (``ema_update_``): it
+    copies the policy at first and lags it more and more, up to ``cap``.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    if not rate >= 0:
+        raise ValueError(f"rate must be >= 0, got {rate!r}")
+    if not 0.0 <= cap <= 1.0:
+        raise ValueError(f"cap must be in [0, 1], got {cap!r}")
+    return min(rate * step, cap)
+
+
+@torch.no_grad()
+def ema_update_(
+    target: Mapping[str, Tensor] | Iterable[Tensor],
+    source: Mapping[str, Tensor] | Iterable[Tensor],
+    decay: float,
+) -> None:
+    """In place, ``target ← decay·target + (1−decay)·source`` for each pair of tensors.
+
+    Args:
+        target: tensors updated in place (a dict is matched to ``source`` by key).
+        source: tensors of the same shapes (read, never written; detached).
+        decay: in [0, 1]; 0 copies ``source``, 1 leaves ``target`` unchanged.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay!r}")
+    if isinstance(target, Mapping):
+        if not isinstance(source, Mapping):
+            raise TypeError("target is a dict: source must be a dict with the same keys")
+        missing = sorted(set(target) ^ set(source))
+        if missing:
+            raise ValueError(f"target and source have different keys: {missing[:5]}")
+        pairs = [(target[k], source[k]) for k in target]
+    else:
+        t_list = list(target)
+        s_list = list(source.values()) if isinstance(source, Mapping) else list(source)
+        if len(t_list) != len(s_list):
+            raise ValueError(f"target has {len(t_list)} tensors but source has {len(s_list)}")
+        pairs = list(zip(t_list, s_list))
+    for t, s in pairs:
+        if t.shape != s.shape:
+            raise ValueError(f"shape mismatch: target {tuple(t.shape)} vs source {tuple(s.shape)}")
+        t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1.0 - decay)
+
+
+def flow_sample(
+    velocity: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    sigmas: Tensor | Iterable[float],
+    method: str = "euler",
+) -> Tensor:
+    """Deterministic flow-matching sampling from ``noise`` over the times ``sigmas`` (no CFG).
+
+    The flow is ``x_σ = (1−σ)·x0 + σ·ε`` with velocity ``v = ε − x0``.
+
+    - ``"euler"``: ``x ← x + (σ_next − σ)·v``.
+    - ``"dpm2"``: DPM-Solver++(2M) (Lu et al. 2022, https://arxiv.org/abs/2211.01095) in the
+      data prediction ``x̂0 = x − σ·v`` with ``α = 1 − σ`` and ``λ = log(α/σ)``; its
+      first-order step is exactly Euler, and the first step and a step to σ = 0 are first
+      order (diffusers' ``DPMSolverMultistepScheduler`` with ``final_sigmas_type="zero"``).
+
+    Args:
+        velocity: ``velocity(x, sigma) -> v``, with ``x`` like ``noise`` and ``sigma`` (B,).
+        noise: (B, ...) starting point at ``sigmas[0]`` (usually 1).
+        sigmas: decreasing times, (n+1,), the last usually 0: n velocity evaluations.
+        method: ``"euler"`` or ``"dpm2"``.
+
+    Returns:
+        (B, ...) the sample at ``sigmas[-1]``, in the dtype of ``noise`` (float32 at least).
+    """
+    if method not in FLOW_SAMPLERS:
+        raise ValueError(f"method must be one of {list(FLOW_SAMPLERS)}, got {method!r}")
+    sig = sigmas.tolist() if isinstance(sigmas, Tensor) else [float(s) for s in sigmas]
+    if len(sig) < 2:
+        raise ValueError(f"sigmas needs at least 2 times, got {sig!r}")
+    x = noise if noise.dtype in (torch.float32, torch.float64) else noise.float()
+    prev_x0: Tensor | None = None
+    prev_h: float | None = None
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        v = velocity(x, torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype))
+        if method == "euler":
+            x = x + (s_next - s) * v
+            continue
+        x0 = x - s * v
+        h = None
+        if 0.0 < s < 1.0 and 0.0 < s_next < 1.0:
+            h = math.log((1 - s_next) / s_next) - math.log((1 - s) / s)
+        d = x0
+        if prev_x0 is not None and h is not None and prev_h is not None and s_next > 0:
+            r = prev_h / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+        # x_next = (σ_next/σ)·x + (α_next − σ_next·α/σ)·D
+        x = (s_next / s) * x + ((1 - s_next) - s_next * (1 - s) / s) * d
+        prev_x0, prev_h = x0, h
+    return x
