@@ -175,7 +175,7 @@ def test_plot_draws_reward_and_weight_curves(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_unknown_reward_exits_with_a_clear_error_before_training(tmp_path):
     out = tmp_path / "run"
-    proc = run("--rewards", "brightness", "sharpness", "--output-dir", str(out))
+    proc = run("--preset", "tiny", "--rewards", "brightness", "sharpness", "--output-dir", str(out))
     assert proc.returncode == 2
     assert "unknown reward 'sharpness'" in proc.stderr and "brightness" in proc.stderr
     assert not out.exists()
@@ -183,7 +183,7 @@ def test_unknown_reward_exits_with_a_clear_error_before_training(tmp_path):
 
 def _bad(argv, capsys, tmp_path) -> str:
     out = tmp_path / "run"
-    assert train.main([*argv, "--output-dir", str(out)]) == 2
+    assert train.main(["--preset", "tiny", *argv, "--output-dir", str(out)]) == 2
     assert not (out / "metrics.jsonl").exists()
     return capsys.readouterr().err
 
@@ -213,13 +213,16 @@ def test_reward_model_without_its_package_is_rejected(tmp_path, capsys, monkeypa
 
 
 @pytest.mark.slow
-def test_resume_without_a_checkpoint_and_reuse_without_resume_are_rejected(tiny_run, tmp_path, capsys):
-    err = _bad(["--resume"], capsys, tmp_path)
-    assert "no checkpoint to resume" in err
-    assert train.main(["--output-dir", str(tiny_run), "--max-steps", "5"]) == 2
+def test_reusing_a_run_dir_with_another_config_is_rejected_and_the_same_command_is_a_no_op(tiny_run, capsys):
+    assert train.main(["--preset", "tiny", "--output-dir", str(tiny_run), "--max-steps", "5"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert train.main(["--output-dir", str(tiny_run), "--resume", "--rewards", "brightness"]) == 2
     assert "a resumed run keeps it" in capsys.readouterr().err
+    before = (tiny_run / "metrics.jsonl").read_bytes()
+    # the fixture's own command, again: a finished run is left alone
+    assert train.main(["--preset", "tiny", "--max-steps", "2", "--output-dir", str(tiny_run)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (tiny_run / "metrics.jsonl").read_bytes() == before
 
 
 # ---- rewards --------------------------------------------------------------------------------------
@@ -279,7 +282,9 @@ def test_clip_adapters_load_a_local_model_and_score(tmp_path):
 
 # ---- the trainer's parts, in process ------------------------------------------------------------------
 def _trainer(tmp_path, *argv: str) -> train.Trainer:
-    cfg = train.resolve_config(train.build_parser().parse_args([*SMALL, *argv, "--output-dir", str(tmp_path / "r")]))
+    argv = ("--preset", "tiny", *argv) if "--preset" not in argv else argv
+    args = [*SMALL, *argv, "--output-dir", str(tmp_path / "r")]
+    cfg = train.resolve_config(train.build_parser().parse_args(args))
     train.validate(cfg)
     return train.Trainer(cfg)
 
@@ -353,7 +358,7 @@ def _no_grids(t: train.Trainer) -> train.Trainer:
 @pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one_exactly(tmp_path):
     """LoRA, optimizer (with MARBLE's smoothed weights), step and every RNG are restored."""
-    for combine in ("marble", "weighted-sum"):
+    for combine in ("marble", "weighted-sum", "sequential"):
         straight, split = tmp_path / combine / "straight", tmp_path / combine / "split"
         args = ("--combine", combine, "--checkpoint-every", "2")
         assert _no_grids(_trainer(straight, *args, "--max-steps", "3")).train() == 0
@@ -405,8 +410,8 @@ def test_brightness_rises_when_rewarded_and_falls_when_penalised(tmp_path, monke
     assert moved["brightness"] > 0.006 and moved["darkness"] > 0.006, moved
 
 
-def test_weighted_sum_logs_equal_weights_and_the_same_cosine_keys(tmp_path):
-    t = _no_grids(_trainer(tmp_path, "--combine", "weighted-sum", "--max-steps", "1"))
+def test_equal_alpha_logs_equal_weights_and_the_same_cosine_keys(tmp_path):
+    t = _no_grids(_trainer(tmp_path, "--combine", "equal-alpha", "--max-steps", "1"))
     t.save_checkpoint = lambda: None
     assert t.marble is None and isinstance(t.optimizer, torch.optim.AdamW)
     assert t.train() == 0
@@ -414,3 +419,91 @@ def test_weighted_sum_logs_equal_weights_and_the_same_cosine_keys(tmp_path):
     for name in DEFAULT_REWARDS:
         assert row[f"weight/{name}"] == pytest.approx(0.25)
         assert row[f"cosine/{name}"] == pytest.approx(row[f"mean_cosine/{name}"])
+
+
+# ---- --combine modes, rerunning, trackers ---------------------------------------------------------------
+def _one_step(tmp_path, *argv: str) -> dict:
+    t = _no_grids(_trainer(tmp_path, "--max-steps", "1", *argv))
+    t.save_checkpoint = lambda: None
+    assert t.train() == 0
+    (row,) = rows_of(tmp_path / "r")
+    return row
+
+
+def test_weighted_mean_reward_is_the_nan_aware_weighted_mean():
+    nan = float("nan")
+    rewards = {"a": torch.tensor([1.0, nan, 2.0, nan]), "b": torch.tensor([3.0, 5.0, nan, nan])}
+    got = train.weighted_mean_reward(rewards, {"b": 3.0})
+    want = [(1 + 3 * 3) / 4, 5.0, 2.0, nan]
+    assert torch.allclose(got, torch.tensor(want), equal_nan=True)
+    assert torch.allclose(train.weighted_mean_reward(rewards, {}), torch.tensor([2.0, 5.0, 2.0, nan]), equal_nan=True)
+
+
+@pytest.mark.slow
+def test_each_combine_mode_on_tiny_logs_its_weights_and_cosines(tmp_path):
+    names = DEFAULT_REWARDS
+    weights = json.dumps({"brightness": 3.0, "colourfulness": 0.0})
+    rows = {
+        "marble": _one_step(tmp_path / "m"),
+        "weighted-sum": _one_step(tmp_path / "ws", "--combine", "weighted-sum", "--reward-weights", weights),
+        "equal-alpha": _one_step(tmp_path / "ea", "--combine", "equal-alpha"),
+        "sequential": _one_step(tmp_path / "sq", "--combine", "sequential", "--max-steps", "1"),
+    }
+    assert sum(rows["marble"][f"weight/{k}"] for k in names) == pytest.approx(1.0)
+    assert all(0 <= rows["marble"][f"raw_weight/{k}"] <= 1 for k in names)
+    assert [rows["weighted-sum"][f"weight/{k}"] for k in names] == pytest.approx([1 / 5, 3 / 5, 0.0, 1 / 5])
+    assert [rows["equal-alpha"][f"weight/{k}"] for k in names] == pytest.approx([0.25] * 4)
+    # one stage per reward over max_steps: step 0 of 1 trains the first reward only
+    assert [rows["sequential"][f"weight/{k}"] for k in names] == [1.0, 0.0, 0.0, 0.0]
+    assert rows["sequential"][f"cosine/{names[0]}"] == pytest.approx(1.0)
+    for row in rows.values():
+        assert all(-1 <= row[f"cosine/{k}"] <= 1 for k in names) and math.isfinite(row["loss"])
+
+
+@pytest.mark.slow
+def test_weighted_sum_and_equal_alpha_agree_on_one_reward_and_differ_on_several(tmp_path):
+    """With K = 1 DiffusionNFT's combined advantage is the reward's own: the same step."""
+    one = ("--rewards", "brightness")
+    ws = _one_step(tmp_path / "ws1", "--combine", "weighted-sum", *one)
+    ea = _one_step(tmp_path / "ea1", "--combine", "equal-alpha", *one)
+    for key in ("loss", "grad_norm", "cosine/brightness"):
+        assert ws[key] == pytest.approx(ea[key], rel=1e-6), key
+    two = ("--rewards", "brightness", "jpeg_compressibility")
+    ws = _one_step(tmp_path / "ws2", "--combine", "weighted-sum", *two)
+    ea = _one_step(tmp_path / "ea2", "--combine", "equal-alpha", *two)
+    assert ws["grad_norm"] != pytest.approx(ea["grad_norm"], rel=1e-3)
+
+
+def test_combine_option_errors(tmp_path, capsys):
+    err = _bad(["--combine", "equal-alpha", "--marble-options", '{"normalize": "none"}'], capsys, tmp_path)
+    assert "--marble-options applies to --combine marble" in err
+    err = _bad(["--marble-options", '{"gram": "exact"}'], capsys, tmp_path)
+    assert "--gram" in err
+    err = _bad(["--combine", "weighted-sum", "--reward-weights", '{"sharpness": 1}'], capsys, tmp_path)
+    assert "sharpness" in err and "not among --rewards" in err
+    err = _bad(["--marble-options", '{"no_such_option": 1}'], capsys, tmp_path)
+    assert "no_such_option" in err
+
+
+@pytest.mark.slow
+def test_resume_without_a_checkpoint_starts_the_run(tmp_path):
+    t = _no_grids(_trainer(tmp_path, "--max-steps", "1", "--resume"))
+    assert t.step == 0 and t.cfg.resume is False
+    assert t.train() == 0
+    assert [r["step"] for r in rows_of(tmp_path / "r")] == [1]
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_writes_reward_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _one_step(tmp_path, "--report-to", "tensorboard", "--rewards", "brightness")
+    events = list((tmp_path / "r").rglob("events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for e in events:
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"reward/brightness", "weight/brightness", "loss"} <= tags

@@ -77,7 +77,21 @@ from marble_opt.rl import (  # noqa: E402
 
 DEFAULT_PROMPTS = [str(HERE / "prompts" / f) for f in ("general.txt", "ocr.txt", "geneval.txt")]
 #: Fields a resumed run must keep: changing them would not continue the same run.
-FIXED_ON_RESUME = ("preset", "model", "seed", "rewards", "combine", "lora_rank", "lora_alpha", "lora_targets", "gram")
+FIXED_ON_RESUME = (
+    "preset",
+    "model",
+    "seed",
+    "rewards",
+    "combine",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "gram",
+    "reward_suite",
+    "pretrain_seed",
+    "marble_options",
+    "reward_weights",
+)
 
 __all__ = ["ATTENTION_TARGETS", "Config", "ConfigError", "PRESETS", "Trainer", "load_prompt_files", "main"]
 
@@ -88,7 +102,7 @@ class Config:
     file < command-line flags (and, with ``--resume``, the run's saved ``config.json``
     replaces the first three)."""
 
-    preset: str = "tiny"
+    preset: str = "digits"
     model: str = ""
     output_dir: str = "outputs/sd35_marble"
     max_steps: int = 100
@@ -133,10 +147,34 @@ class Config:
     grid_images_per_prompt: int = 4
     checkpoint_every: int = 50
     resume: bool = False
+    # digits preset
+    reward_suite: str = "mismatch"
+    pretrain_seed: int = 0
+    # combining the rewards
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    marble_options: dict[str, Any] = field(default_factory=dict)
+    report_to: str = "none"
 
 
 #: Preset values (override the dataclass defaults above, which are the tiny preset's).
 PRESETS: dict[str, dict[str, Any]] = {
+    # The 0.5 M-parameter digits flow (adapters/digits.py), the whole network trained; SPEC's
+    # working numbers: 10 prompts x 8 samples, 2 timesteps each, lr 3e-5, 10 Euler steps.
+    "digits": {
+        "rewards": [],
+        "group_size": 8,
+        "prompts_per_step": 10,
+        "sampling_steps": 10,
+        "sampler": "euler",
+        "train_timesteps": 2,
+        "sample_batch_size": 80,
+        "train_batch_size": 80,
+        "lr": 3e-5,
+        "max_steps": 300,
+        "sample_every": 100,
+        "checkpoint_every": 100,
+        "grid_images_per_prompt": 8,
+    },
     "tiny": {},
     # The MARBLE authors' release recipe (see SPEC): 512 px, LoRA r32/α64 on the attention
     # projections, 25-step deterministic DPM-Solver-2 rollouts without CFG, 24 images per
@@ -169,7 +207,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 CHOICES = {
     "preset": tuple(PRESETS),
-    "combine": ("marble", "weighted-sum"),
+    "combine": ("marble", "weighted-sum", "equal-alpha", "sequential"),
+    "report_to": ("none", "tensorboard", "wandb"),
     "sampler": ("euler", "dpm2"),
     "gram": ("shared", "exact", "exact-lean"),
     "old_update": ("ema", "copy"),
@@ -192,17 +231,29 @@ def build_parser() -> argparse.ArgumentParser:
         name = flag.lstrip("-").replace("-", "_")
         if name in CHOICES:
             kw.setdefault("choices", CHOICES[name])
-        g.add_argument(flag, help=f"{help} (tiny: {getattr(d, name)!r})", **kw)
+        shown = {"digits": PRESETS["digits"].get(name, getattr(d, name)), "tiny": getattr(d, name)}
+        g.add_argument(flag, help=f"{help} (digits: {shown['digits']!r}; tiny: {shown['tiny']!r})", **kw)
 
     p.add_argument("--config", help="JSON (or YAML, with PyYAML) file of Config fields, below flags in precedence")
     p.add_argument("--list-rewards", action="store_true", help="list the available rewards and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    add("--preset", "tiny: random SD3 on CPU; sd35-medium: the authors' recipe")
+    add(
+        "--preset", "digits: a real 8x8 digits flow on CPU; tiny: random SD3 plumbing; sd35-medium: the authors' recipe"
+    )
     add("--model", "sd35-medium: local directory or hub id of the diffusers pipeline")
     add("--output-dir", "where metrics, LoRA weights, grids and checkpoints go")
     add("--max-steps", "total optimizer steps (a resumed run continues up to it)", type=int)
-    add("--combine", "how the K reward losses are combined")
-    add("--resume", "continue the run in --output-dir from its checkpoint", action=argparse.BooleanOptionalAction)
+    add(
+        "--combine",
+        "marble: MarbleOptimizer; weighted-sum: DiffusionNFT's one advantage of the mean raw reward; "
+        "equal-alpha: mean of the per-reward normalised losses; sequential: one reward per stage",
+    )
+    add(
+        "--resume",
+        "continue the run in --output-dir from its checkpoint if there is one, else start it",
+        action=argparse.BooleanOptionalAction,
+    )
+    add("--report-to", "tracker through accelerate (tensorboard logs under --output-dir)")
     add("--seed", "seed of prompts, noise and LoRA init", type=int)
     add("--mixed-precision", "autocast dtype; bf16 also loads the frozen weights in bf16")
     add(
@@ -223,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=json_object,
     )
     add("--prompt-files", "text files, one prompt per line; prompts are drawn equally from each", nargs="+")
+    add("--reward-suite", "digits: reward suite of digits/rewards.py (mismatch or conflict)")
+    add("--pretrain-seed", "digits: which shipped pretrained model (its pretraining seed)", type=int)
+    add(
+        "--reward-weights",
+        "weighted-sum: JSON {reward: weight} for the mean of the raw rewards (missing: 1), e.g. '{\"ocr\": 2}'",
+        type=json_object,
+    )
     g = p.add_argument_group("rollouts")
     add("--resolution", "image size in pixels", type=int)
     add("--group-size", "images per prompt (>= 2: advantages are centred per group)", type=int)
@@ -249,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
     )
     add("--marble-ema", "MARBLE's EMA rho of the balancing weights", type=float)
+    add(
+        "--marble-options",
+        'JSON object of extra MarbleOptimizer keyword arguments, e.g. \'{"normalize": "none"}\'',
+        type=json_object,
+    )
     add("--gram", "MARBLE Gram source (shared: on v_theta, one backward)")
     add("--refresh-every", "solve MARBLE's QP every N steps", type=int)
     add("--old-update", "old policy: EMA of the trained LoRA, or a copy each step")
@@ -270,7 +333,7 @@ def json_object(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from exc
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object {{reward: {{option: value}}}}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
 
 
@@ -306,11 +369,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
     file = _read_config_file(args.config) if getattr(args, "config", None) else {}
     output_dir = cli.get("output_dir", file.get("output_dir", Config.output_dir))
     resume = cli.get("resume", file.get("resume", False))
+    saved_path = Path(output_dir) / "config.json"
+    state = Path(output_dir) / "checkpoint" / "trainer_state.json"
+    if resume and not (state.is_file() and saved_path.is_file()):
+        resume = False  # nothing to continue: --resume starts the run
+        cli = {**cli, "resume": False}
+        file = {**file, "resume": False}
     if resume:
-        saved_path = Path(output_dir) / "config.json"
-        state = Path(output_dir) / "checkpoint" / "trainer_state.json"
-        if not state.is_file() or not saved_path.is_file():
-            raise ConfigError(f"--resume: no checkpoint to resume in {output_dir!r} (expected {state})")
         saved = json.loads(saved_path.read_text())
         for key in FIXED_ON_RESUME:
             for source, values in (("--config", file), ("the command line", cli)):
@@ -321,7 +386,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
                     )
         merged = {**saved, **file, **cli, "resume": True, "output_dir": output_dir}
     else:
-        preset = cli.get("preset", file.get("preset", "tiny"))
+        preset = cli.get("preset", file.get("preset", Config.preset))
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
         merged = {**PRESETS[preset], **file, **cli, "preset": preset}
@@ -403,10 +468,28 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--model is empty: pass a local directory or hub id of SD3.5 Medium")
     if not isinstance(cfg.reward_options, dict):
         raise ConfigError(f"--reward-options must be a JSON object {{reward: {{...}}}}, got {cfg.reward_options!r}")
+    for name, w in cfg.reward_weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+            raise ConfigError(f"--reward-weights: weight of {name!r} must be a finite number >= 0, got {w!r}")
+    reserved = {"ema_decay", "gram", "refresh_every"} & set(cfg.marble_options)
+    if reserved:
+        raise ConfigError(
+            f"--marble-options {sorted(reserved)}: set these with --marble-ema, --gram, --refresh-every instead"
+        )
+    if cfg.marble_options and cfg.combine != "marble":
+        raise ConfigError(f"--marble-options applies to --combine marble, not {cfg.combine!r}")
+    if cfg.preset == "digits":
+        if cfg.pretrain_seed < 0:
+            raise ConfigError(f"--pretrain-seed must be >= 0, got {cfg.pretrain_seed!r}")
+        return
     try:
         check_reward_names(cfg.rewards)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if cfg.reward_weights:
+        unknown = sorted(set(cfg.reward_weights) - set(cfg.rewards))
+        if unknown:
+            raise ConfigError(f"--reward-weights names {unknown}, which are not among --rewards {cfg.rewards}")
     if not cfg.lora_targets:
         raise ConfigError("--lora-targets is empty")
 
@@ -417,6 +500,25 @@ def finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+#: Key of DiffusionNFT's single combined advantage (``--combine weighted-sum``).
+COMBINED = "__weighted_sum__"
+
+
+def weighted_mean_reward(rewards: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """DiffusionNFT's combined reward: the NaN-aware weighted mean of the raw rewards.
+
+    ``c(i) = Σ_k w_k R_k(i) / Σ_k w_k`` over the rewards that apply to sample i (finite);
+    NaN where none applies. ``weights`` maps a reward name to ``w_k`` (missing: 1).
+    """
+    names = list(rewards)
+    r = torch.stack([rewards[k].double() for k in names])  # (K, B)
+    w = torch.tensor([float(weights.get(k, 1.0)) for k in names], dtype=torch.float64)[:, None].expand_as(r)
+    valid = torch.isfinite(r) & (w > 0)
+    num = torch.where(valid, r * w, torch.zeros_like(r)).sum(0)
+    den = torch.where(valid, w, torch.zeros_like(w)).sum(0)
+    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.full_like(num, float("nan"))).float()
 
 
 def nan_mean(x: torch.Tensor) -> float | None:
@@ -444,7 +546,11 @@ class Trainer:
         self.cfg = cfg
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_dir=cfg.output_dir,
+        )
         acc = self.accelerator
         if cfg.prompts_per_step % acc.num_processes:
             raise ConfigError(
@@ -459,6 +565,9 @@ class Trainer:
         self.rewards = rewards if rewards is not None else adapter_cls.build_rewards(cfg, self.device)
         self.reward_names = [r.name for r in self.rewards]
         self.adapter: ModelAdapter = adapter_cls(cfg, acc)
+        # DDP around the trainable module (as diffusers' examples do); the policy's velocity goes
+        # through the wrapper, so an ordinary backward (and MARBLE's one backward) is averaged by it.
+        self.adapter.train_module = acc.prepare(self.adapter.module)
         self.params = list(self.adapter.weights("default").values())
         self.ema = (
             {k: p.detach().clone() for k, p in self.adapter.weights("default").items()}
@@ -470,9 +579,12 @@ class Trainer:
 
         base = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.combine == "marble":
-            self.marble: MarbleOptimizer | None = MarbleOptimizer(
-                base, ema_decay=cfg.marble_ema, gram=cfg.gram, refresh_every=cfg.refresh_every
-            )
+            try:
+                self.marble: MarbleOptimizer | None = MarbleOptimizer(
+                    base, ema_decay=cfg.marble_ema, gram=cfg.gram, refresh_every=cfg.refresh_every, **cfg.marble_options
+                )
+            except TypeError as exc:
+                raise ConfigError(f"--marble-options {cfg.marble_options}: {exc}") from exc
             self.optimizer: torch.optim.Optimizer = self.marble
         else:
             self.marble = None
@@ -482,6 +594,11 @@ class Trainer:
         self.prompt_rng = random.Random(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index + 1)
         self.step = 0
+        #: set True (e.g. by a benchmark) to keep the step actually taken in ``last_update``
+        self.track_update = False
+        self.last_update: list[torch.Tensor] | None = None
+        #: called after every optimizer step as ``callback(trainer, row, batch, adv, masks)``
+        self.step_callbacks: list[Any] = []
         if cfg.resume:
             self._load_checkpoint()
 
@@ -515,7 +632,8 @@ class Trainer:
         """Local rewards, then advantages over the whole (all-process) batch; returns
         ``(gathered rewards, local advantages, local masks)``."""
         acc = self.accelerator
-        local = {r.name: r(batch.images, batch.prompts).float() for r in self.rewards}
+        prompts = self.adapter.reward_prompts(batch.prompts)
+        local = {r.name: r(batch.images, prompts).float() for r in self.rewards}
         gathered = {k: acc.gather(v.to(self.device)).cpu() for k, v in local.items()}
         gids = acc.gather(batch.group_ids.to(self.device)).cpu()
         adv = group_advantages(gathered, gids, global_std=not self.cfg.per_group_std)
@@ -523,13 +641,19 @@ class Trainer:
         lo = acc.process_index * n
         adv_local = {k: a[lo : lo + n].to(self.device) for k, a in adv.items()}
         masks = {k: m.to(self.device) for k, m in reward_masks(local).items()}
+        if self.cfg.combine == "weighted-sum":  # DiffusionNFT: one advantage of the mean raw reward
+            combined = {COMBINED: weighted_mean_reward(gathered, self.cfg.reward_weights)}
+            adv_local[COMBINED] = group_advantages(combined, gids, global_std=not self.cfg.per_group_std)[COMBINED][
+                lo : lo + n
+            ].to(self.device)
+            masks[COMBINED] = torch.isfinite(combined[COMBINED][lo : lo + n]).to(self.device)
         return gathered, adv_local, masks
 
     # ---- one optimizer step --------------------------------------------------------------------------
     def train_step(
         self, batch: Rollout, adv: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
-        cfg, acc, a = self.cfg, self.accelerator, self.adapter
+        cfg, a = self.cfg, self.adapter
         b = batch.x0.shape[0]
         n_sched = len(self.sigmas) - 1
         # each sample is trained on train_timesteps distinct timesteps of its schedule
@@ -546,7 +670,8 @@ class Trainer:
         cos_sum = {k: 0.0 for k in names}
         mean_cos_sum = {k: 0.0 for k in names}
         cos_count = {k: 0.0 for k in names}
-        raw_weights: dict[str, float] = {}
+        raw_sum = {k: 0.0 for k in names}
+        raw_count = 0
         skipped = False
         for j, idx in micro:
             dev_idx = idx.to(self.device)
@@ -560,28 +685,36 @@ class Trainer:
                 v_old = a.velocity(xt, sigma, cond, "old")
                 v_ref = a.velocity(xt, sigma, cond, "ref") if cfg.kl_weight > 0 else None
             v = a.velocity(xt, sigma, cond, "default")
+            cross = self.marble is not None and cfg.marble_options.get("gram_estimator") == "cross"
+            keys = [*names, COMBINED] if COMBINED in adv else names
             out = nft_losses(
                 v,
                 v_old,
                 x0,
                 xt,
                 sigma,
-                {k: adv[k][dev_idx] for k in names},
+                {k: adv[k][dev_idx] for k in keys},
                 beta=cfg.beta,
                 adv_clip=cfg.adv_clip,
-                masks={k: masks[k][dev_idx] for k in names},
+                masks={k: masks[k][dev_idx] for k in keys},
                 v_ref=v_ref,
                 kl_weight=cfg.kl_weight,
+                reduction="none" if cross else "mean",
             )
-            losses = {k: out.losses[k] / n_micro for k in names}
+            mean_losses = {k: out.losses[k].mean() if cross else out.losses[k] for k in keys}
+            losses = {k: mean_losses[k] / n_micro for k in names}
             kl = out.kl / n_micro if out.kl is not None else None
             for k in names:
-                sums[f"loss/{k}"] += float(out.losses[k].detach()) / n_micro
-            sums["loss"] += float(sum(out.losses[k].detach() for k in names)) / len(names) / n_micro
+                sums[f"loss/{k}"] += float(mean_losses[k].detach()) / n_micro
+            sums["loss"] += float(sum(mean_losses[k].detach() for k in names)) / len(names) / n_micro
             sums["kl"] += float(out.kl.detach()) / n_micro if out.kl is not None else 0.0
             if self.marble is not None:
-                shared = v if cfg.gram == "shared" else None
-                report = self.marble.backward(losses, shared=shared, extra=kl)
+                if cross:  # per-sample losses and prompt groups for the cross-batch Gram estimate
+                    per_sample = {k: out.losses[k] / n_micro for k in names}
+                    report = self.marble.backward(per_sample, groups=batch.group_ids[idx].to(self.device), extra=kl)
+                else:
+                    shared = v if cfg.gram == "shared" else None
+                    report = self.marble.backward(losses, shared=shared, extra=kl)
                 skipped |= report.skipped
                 if report.update_cosine:
                     for k in names:
@@ -589,30 +722,33 @@ class Trainer:
                             cos_sum[k] += report.update_cosine[k]
                             mean_cos_sum[k] += report.mean_cosine[k]
                             cos_count[k] += 1
-                raw_weights = report.raw_weights or raw_weights
+                if report.raw_weights:
+                    raw_count += 1
+                    for k in names:
+                        raw_sum[k] += float(report.raw_weights.get(k, 0.0))
             else:
-                cos, valid = update_cosines(losses, v)
+                total = self._baseline_loss(losses, out.losses.get(COMBINED), n_micro)
+                cos, valid = update_cosines(losses, v, update=None if cfg.combine == "equal-alpha" else total)
+                mean_cos, _ = update_cosines(losses, v) if cfg.combine != "equal-alpha" else (cos, valid)
                 for k in names:
                     if valid[k]:
                         cos_sum[k] += cos[k]
-                        mean_cos_sum[k] += cos[k]
+                        mean_cos_sum[k] += mean_cos[k]
                         cos_count[k] += 1
-                total = sum(losses.values()) / len(names)
                 (total + kl if kl is not None else total).backward()
-        if acc.num_processes > 1:
-            skipped = bool(acc.reduce(torch.tensor(float(skipped), device=self.device), "sum") > 0)
-            if not skipped:
-                self._all_reduce_grads()
         grad_norm = float("nan")
         if not skipped:
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-            # MarbleOptimizer skips non-finite steps itself; the plain weighted sum needs this guard
+            # MarbleOptimizer skips non-finite steps itself; the baselines need this guard
             skipped = not math.isfinite(grad_norm)
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a grad
+        before = [p.detach().clone() for p in self.params] if self.track_update else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if before is not None:
+            self.last_update = [p.detach() - b for p, b in zip(self.params, before)]
         stats: dict[str, Any] = {**sums, "grad_norm": grad_norm, "skipped": skipped}
         for k in names:
             c = cos_count[k]
@@ -622,21 +758,46 @@ class Trainer:
             weights = self.marble.weights
             for k in names:
                 stats[f"weight/{k}"] = weights.get(k)
-                stats[f"raw_weight/{k}"] = raw_weights.get(k)
+                # alpha* before smoothing, averaged over the step's micro-batches (None on cached steps)
+                stats[f"raw_weight/{k}"] = raw_sum[k] / raw_count if raw_count else None
         else:
-            for k in names:
-                stats[f"weight/{k}"] = 1.0 / len(names)
+            for k, w in self.baseline_weights().items():
+                stats[f"weight/{k}"] = w
         cosines = [stats[f"cosine/{k}"] for k in names if stats[f"cosine/{k}"] is not None]
         mean_cosines = [stats[f"mean_cosine/{k}"] for k in names if stats[f"mean_cosine/{k}"] is not None]
         stats["worst_cosine"] = min(cosines) if cosines else None
         stats["worst_mean_cosine"] = min(mean_cosines) if mean_cosines else None
         return stats
 
-    def _all_reduce_grads(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        for p, g in zip(self.params, flat.split([p.numel() for p in self.params])):
-            p.grad = g.view_as(p).clone()
+    def stage(self) -> int:
+        """``--combine sequential``: the index of the reward trained at the current step
+        (stages of equal length over ``max_steps``, in the order of the rewards)."""
+        k = len(self.reward_names)
+        return min(k - 1, self.step * k // max(self.cfg.max_steps, 1))
+
+    def baseline_weights(self) -> dict[str, float]:
+        """The fixed weights of a baseline, as logged under ``weight/<name>``."""
+        names, cfg = self.reward_names, self.cfg
+        if cfg.combine == "sequential":
+            active = self.stage()
+            return {k: float(i == active) for i, k in enumerate(names)}
+        if cfg.combine == "weighted-sum":
+            raw = {k: float(cfg.reward_weights.get(k, 1.0)) for k in names}
+            total = sum(raw.values()) or 1.0
+            return {k: w / total for k, w in raw.items()}
+        return {k: 1.0 / len(names) for k in names}
+
+    def _baseline_loss(
+        self, losses: dict[str, torch.Tensor], combined: torch.Tensor | None, n_micro: int
+    ) -> torch.Tensor:
+        """The loss a baseline minimises (without the KL)."""
+        cfg = self.cfg
+        if cfg.combine == "weighted-sum":
+            assert combined is not None
+            return combined / n_micro
+        if cfg.combine == "sequential":
+            return losses[self.reward_names[self.stage()]]
+        return sum(losses.values()) / len(losses)
 
     @torch.no_grad()
     def update_old_policy(self) -> float:
@@ -750,6 +911,13 @@ class Trainer:
                 metrics.write_text("".join(r + "\n" for r in rows))
             elif not cfg.resume:
                 metrics.write_text("")
+        if cfg.report_to != "none":
+            acc.init_trackers(
+                "sd35_marble",
+                config={
+                    k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in asdict(cfg).items()
+                },
+            )
         if self.step >= cfg.max_steps:
             acc.print(f"nothing to do: the run in {self.out} is at step {self.step} >= --max-steps {cfg.max_steps}")
             return 0
@@ -796,6 +964,12 @@ class Trainer:
             if acc.is_main_process:
                 with metrics.open("a") as fh:
                     fh.write(json.dumps({k: finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n")
+            if cfg.report_to != "none":
+                acc.log(
+                    {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=self.step
+                )
+            for callback in self.step_callbacks:
+                callback(self, row, batch, adv, masks)
             if acc.is_main_process and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
                 self.save_samples()
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
@@ -808,6 +982,19 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         return 0
+
+
+def finished_same_run(cfg: Config) -> bool:
+    """True when ``cfg.output_dir`` holds a run with this exact configuration at ``max_steps``."""
+    out = Path(cfg.output_dir)
+    try:
+        saved = json.loads((out / "config.json").read_text())
+        step = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return False
+    mine = asdict(cfg)
+    same = all(saved.get(k) == v for k, v in mine.items() if k not in ("resume", "output_dir"))
+    return same and step >= cfg.max_steps
 
 
 def list_rewards() -> str:
@@ -828,6 +1015,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         ckpt = Path(cfg.output_dir) / "checkpoint"
         if not cfg.resume and ckpt.exists():
+            if finished_same_run(cfg):  # the same command again: nothing left to do
+                print(f"nothing to do: the run in {cfg.output_dir} already reached --max-steps {cfg.max_steps}")
+                return 0
             raise ConfigError(
                 f"{cfg.output_dir!r} already holds a run (checkpoint/): pass --resume to continue "
                 "it, or choose another --output-dir"

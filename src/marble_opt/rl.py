@@ -165,6 +165,7 @@ def nft_losses(
     v_ref: Tensor | None = None,
     kl_weight: float = 1e-4,
     min_weight: float = 1e-5,
+    reduction: str = "mean",
 ) -> NFTLosses:
     """DiffusionNFT losses, one per reward, on a batch of noised samples.
 
@@ -186,14 +187,20 @@ def nft_losses(
             A non-finite advantage leaves its sample out of that reward as well.
         v_ref: optional (B, ...) velocity of the frozen reference (e.g. LoRA disabled);
             gives ``kl = kl_weight · mean((v_θ − v_ref)²)``, kept out of the balancing.
+        reduction: ``"mean"`` (a scalar per reward) or ``"none"``: per-sample losses (B,)
+            per reward, 0 for a left-out sample and the kept ones scaled by B / (number
+            kept), so that ``.mean()`` is exactly the ``"mean"`` loss (what per-sample Gram
+            estimators that split the batch expect).
 
     Returns:
-        ``NFTLosses(losses={name: scalar}, kl=scalar or None)``.
+        ``NFTLosses(losses={name: scalar or (B,)}, kl=scalar or None)``.
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
     if not adv_clip > 0:
         raise ValueError(f"adv_clip must be > 0, got {adv_clip!r}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if not isinstance(advantages, Mapping) or not advantages:
         raise ValueError("advantages must be a non-empty dict {name: (B,) tensor}")
     if masks is not None:
@@ -228,7 +235,8 @@ def nft_losses(
         per_sample = adv_clip * (r * positive + (1.0 - r) * negative) / beta
         # where(), not a product: a non-finite value of a left-out sample does not reach the loss
         kept = torch.where(keep, per_sample, torch.zeros_like(per_sample))
-        losses[name] = kept.sum() / keep.sum().clamp(min=1).to(per_sample.dtype)
+        n_kept = keep.sum().clamp(min=1).to(per_sample.dtype)
+        losses[name] = kept.sum() / n_kept if reduction == "mean" else kept * (batch / n_kept)
     kl = None
     if v_ref is not None:
         if v_ref.shape != v_theta.shape:

@@ -13,6 +13,7 @@ from .base import POLICIES, Cond, ConfigError, ModelAdapter, take
 __all__ = ["ADAPTERS", "POLICIES", "Cond", "ConfigError", "ModelAdapter", "adapter_class", "take"]
 
 ADAPTERS = {
+    "digits": "digits:DigitsAdapter",
     "tiny": "sd3:SD3Adapter",
     "sd35-medium": "sd3:SD3Adapter",
 }

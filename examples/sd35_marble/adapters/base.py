@@ -17,7 +17,9 @@ balancing, old-policy and EMA updates, metrics, checkpoints, resume) is written 
 - ``decode(x) -> images`` for the rewards (CPU tensors);
 - ``weights(which)``: ``{key: tensor}`` of the ``"default"`` (trainable parameters) or
   ``"old"`` policy, updated in place by the loop; ``module``: the ``nn.Module`` holding the
-  trainable parameters (what ``accelerator.prepare`` wraps);
+  trainable parameters (what ``accelerator.prepare`` wraps; the loop stores the wrapper in
+  ``train_module``, which ``velocity(..., "default")`` must call so that DDP averages the
+  gradients);
 - ``export(out_dir, tensors)``: write the trained weights in the model's own format;
 - ``eval_prompts()``, ``write_samples(...)``: the fixed evaluation batch and how to save it.
 
@@ -60,7 +62,10 @@ class ModelAdapter(ABC):
 
     latent_shape: tuple[int, ...]
     sigmas: Tensor
+    #: the module holding the trainable parameters
     module: torch.nn.Module
+    #: what ``velocity(..., "default")`` calls: ``module`` or the loop's ``accelerator.prepare(module)``
+    train_module: torch.nn.Module
 
     @classmethod
     @abstractmethod
@@ -100,6 +105,10 @@ class ModelAdapter(ABC):
         """Save the evaluation images (``per_prompt`` consecutive images per prompt)."""
 
     # ---- optional hooks -------------------------------------------------------------------------
+    def reward_prompts(self, prompts: list[Any]) -> Any:
+        """What the rewards get as their second argument for these per-sample prompts."""
+        return prompts
+
     def eval_seed(self, seed: int) -> int:
         """Seed of the evaluation noise (held fixed across steps)."""
         return seed + 12345

@@ -67,6 +67,7 @@ class SD3Adapter(ModelAdapter):
             raise ConfigError(f"--resolution {cfg.resolution} must be a multiple of {factor} for this model")
         self.transformer = self.pipe.transformer
         self.module = self.transformer
+        self.train_module: torch.nn.Module = self.transformer  # the DDP wrapper once the loop prepares it
         self.vae = self.pipe.vae
         self.latent_shape = (
             self.transformer.config.in_channels,
@@ -183,8 +184,9 @@ class SD3Adapter(ModelAdapter):
     def velocity(self, x: Tensor, t: Tensor, cond: Cond, policy: str = "default") -> Tensor:
         """The transformer's flow-matching velocity ``v = ε − x0`` at time ``t`` (B,), float32."""
         embeds, pooled = cond
+        model = self.train_module if policy == "default" else self.transformer
         with self.policy(policy), self.accelerator.autocast():
-            out = self.transformer(
+            out = model(
                 hidden_states=x.to(self.weight_dtype),
                 timestep=(t * 1000.0).to(x.device),
                 encoder_hidden_states=embeds,
