@@ -191,10 +191,39 @@ def sequence_lengths(resolution: int, max_sequence_length: int = MAX_SEQUENCE_LE
 
 
 # ---- activation memory ------------------------------------------------------------------------
-#: Bytes saved for backward per token per block, in units of the width d = 1536, measured on
-#: CPU (bf16 autocast, SDPA flash kernel, LoRA in float32) with ``measure_activation_bytes``
-#: on reduced-depth models of the real width; see ``activation_bytes_estimate``.
-_PER_TOKEN_BLOCK_D = {"image": 0.0, "text": 0.0, "dual_image": 0.0}
+#: Bytes autograd saves per sample (``measure_activation_bytes``, CPU, torch 2.13, diffusers
+#: 0.42, bf16 autocast, LoRA in float32, T5 length 128 → 205 text tokens) for reduced-depth
+#: models of the real width: ``(layers, dual blocks, resolution) -> bytes``. Block 0 takes
+#: inputs that need no grad, so the dual blocks measured are block 1.
+ACTIVATION_MEASUREMENTS: dict[tuple[int, int, int], int] = {
+    (2, 0, 256): 52_807_272,
+    (3, 0, 256): 81_434_736,
+    (3, 1, 256): 89_385_072,
+    (2, 0, 512): 148_026_984,
+    (3, 0, 512): 224_264_304,
+    (3, 1, 512): 256_028_784,
+}
+
+
+def _activation_coefficients() -> dict[str, tuple[float, float]]:
+    """Per piece ``(bytes per image token, bytes per text token)`` from the 256/512 px points.
+
+    Pieces: ``base`` (the 2-block model: embedders, block 0, the context-pre-only last block,
+    the output layer), ``block`` (one more joint block), ``dual`` (a block's second attention).
+    Each piece is linear in the image tokens; its intercept is divided among the 205 text tokens.
+    """
+    m = ACTIVATION_MEASUREMENTS
+    pieces = {
+        "base": {r: m[(2, 0, r)] for r in (256, 512)},
+        "block": {r: m[(3, 0, r)] - m[(2, 0, r)] for r in (256, 512)},
+        "dual": {r: m[(3, 1, r)] - m[(3, 0, r)] for r in (256, 512)},
+    }
+    text = CLIP_TOKENS + MAX_SEQUENCE_LENGTH
+    out = {}
+    for name, v in pieces.items():
+        per_image = (v[512] - v[256]) / (1024 - 256)
+        out[name] = (per_image, (v[256] - 256 * per_image) / text)
+    return out
 
 
 def measure_activation_bytes(
@@ -252,36 +281,43 @@ def measure_activation_bytes(
     return saved_bytes(2) - saved_bytes(1)
 
 
-def activation_bytes_estimate(resolution: int = 512, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> dict[str, Any]:
+def activation_bytes_estimate(
+    resolution: int = 512,
+    max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+    num_layers: int | None = None,
+    dual_layers: int | None = None,
+) -> dict[str, Any]:
     """Activation memory per training sample of the SD3.5 Medium transformer (LoRA, bf16).
 
-    Formula: every block saves about ``c_img·d`` bytes per image token and ``c_txt·d`` per text
-    token (layer-norm and modulation outputs, q/k/v and their RMS norms, the attention output
-    and its log-sum-exp, the MLP input, its 4d hidden layer and GELU output, the LoRA inputs and
-    rank-32 intermediates); a dual-attention block adds ``c_dual·d`` per image token for its
-    second attention. With ``L = 24`` blocks of which ``L₂ = 13`` are dual::
+    What autograd keeps for the backward of ``v_θ`` per sample: layer-norm and modulation
+    outputs, q/k/v and their RMS norms, the attention output and its log-sum-exp (flash /
+    memory-efficient SDPA: no S×S matrix), the MLP's 4d hidden layer, LoRA inputs and rank-32
+    intermediates. It is linear in the tokens, so with ``S_img`` image and ``S_txt`` text tokens::
 
-        bytes ≈ d · (L·(c_img·S_img + c_txt·S_txt) + L₂·c_dual·S_img)
+        bytes = base(S) + (L − 2)·block(S) + (L₂ − 1)·dual(S_img),   piece(S) = a·S_img + b·S_txt
 
-    The coefficients were measured with ``measure_activation_bytes`` on reduced-depth models
-    of the real width (see ``_PER_TOKEN_BLOCK_D``). Attention probabilities are not stored
-    (flash / memory-efficient SDPA), so the estimate is linear in the token counts. Not
-    included: the frozen weights, the no-grad ``v_old``/``v_ref`` passes (transient), the VAE.
+    with ``L = 24`` blocks, ``L₂ = 13`` dual-attention blocks (block 0's second attention sees
+    inputs that need no grad and saves nothing) and ``(a, b)`` per piece fitted to
+    ``ACTIVATION_MEASUREMENTS`` (about ``40·d`` bytes per token per block, ``d = 1536``, and
+    ``20·d`` per image token for a second attention). At 512 px and T5 length 128: 2.2 GB.
+    Not included: frozen weights, the transient no-grad ``v_old``/``v_ref`` passes, the VAE,
+    the text encoders, the reward models.
     """
     image_tokens, text_tokens = sequence_lengths(resolution, max_sequence_length)
-    d = TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"]
-    layers = TRANSFORMER_CONFIG["num_layers"]
-    dual = len(TRANSFORMER_CONFIG["dual_attention_layers"])
-    c = _PER_TOKEN_BLOCK_D
-    per_block = c["image"] * image_tokens + c["text"] * text_tokens
-    total = d * (layers * per_block + dual * c["dual_image"] * image_tokens)
+    layers = TRANSFORMER_CONFIG["num_layers"] if num_layers is None else num_layers
+    dual = len(TRANSFORMER_CONFIG["dual_attention_layers"]) if dual_layers is None else dual_layers
+    c = _activation_coefficients()
+
+    def piece(name: str) -> float:
+        return c[name][0] * image_tokens + c[name][1] * text_tokens
+
+    total = piece("base") + (layers - 2) * piece("block") + max(dual - 1, 0) * c["dual"][0] * image_tokens
     return {
-        "bytes": int(total),
+        "bytes": int(round(total)),
         "gb": round(total / 1e9, 2),
         "image_tokens": image_tokens,
         "text_tokens": text_tokens,
-        "formula": "d*(L*(c_img*S_img + c_txt*S_txt) + L_dual*c_dual*S_img)",
-        "coefficients": dict(c),
+        "formula": "base(S) + (L-2)*block(S) + (L_dual-1)*dual(S_img); piece(S) = a*S_img + b*S_txt, fitted on CPU",
     }
 
 
