@@ -89,3 +89,121 @@ def test_sequence_lengths_and_bad_resolution():
 def test_unknown_transformer_override_is_named():
     with pytest.raises(ValueError, match=r"unknown transformer config key\(s\) \['num_blocks'\]"):
         sd35.build_transformer("meta", num_blocks=3)
+
+
+# ---- activation memory ------------------------------------------------------------------------------
+#: Measured with ``python examples/sd35_marble/sd35.py --measure L DUAL 128`` (CPU), NOT used by the fit
+#: (which uses the 256 and 512 px points): the estimate must predict them.
+HELD_OUT_128PX = {(2, 0): 29_002_344, (3, 0): 45_727_344, (3, 1): 47_724_144}
+
+
+def test_activation_estimate_is_linear_in_tokens_and_predicts_held_out_measurements():
+    for (layers, dual), measured in HELD_OUT_128PX.items():
+        est = sd35.activation_bytes_estimate(128, 128, num_layers=layers, dual_layers=dual + 1 if dual else 0)
+        assert est["bytes"] == pytest.approx(measured, rel=1e-3), (layers, dual)
+    full = sd35.activation_bytes_estimate(512, 128)
+    assert 2.0e9 < full["bytes"] < 2.4e9  # 2.21 GB per sample at the authors' settings
+    assert sd35.activation_bytes_estimate(512, 256)["bytes"] > full["bytes"]  # longer T5 input costs more
+
+
+# ---- train.py: --dry-run and the sd35-medium path end to end on CPU -----------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_train_dry_run_prints_one_json_object_on_the_last_line():
+    import json
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE / "train.py"), "--preset", "sd35-medium", "--random-init", "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["transformer_params"] == 2_243_171_520
+    assert (out["lora_modules"], out["lora_params_per_adapter"]) == (191, 18_776_064)
+    assert out["max_sequence_length"] == 128 and out["random_init"] is True
+    assert out["prompt_files"] == ["builtin:general", "builtin:ocr", "builtin:geneval"]
+    assert out["activation_gb_per_sample"] == pytest.approx(2.21, abs=0.01)
+
+
+def test_dry_run_refuses_other_presets(capsys):
+    import train
+
+    assert train.main(["--preset", "tiny", "--dry-run"]) == 2
+    assert "--dry-run summarises the sd35-medium preset, not 'tiny'" in capsys.readouterr().err
+    assert train.main(["--preset", "tiny", "--random-init"]) == 2
+    assert "use it with --preset sd35-medium, not 'tiny'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sd35_run(tmp_path_factory):
+    """The sd35-medium preset from a tiny pipeline saved with save_pretrained (--model DIR),
+    PickScore and CLIPScore adapters loaded from local directories, 2 steps on CPU."""
+    import json
+
+    import train
+    from prompts import BUILTIN_SETS
+    from tiny import build_tiny_pipeline, vocabulary
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_sd35_prompts_rewards import _save_tiny_clip
+
+    tmp = tmp_path_factory.mktemp("sd35")
+    texts = [p.text for make in BUILTIN_SETS.values() for p in make()[:200]]
+    build_tiny_pipeline(texts, seed=0).save_pretrained(tmp / "model")
+    words = vocabulary(texts)
+    _save_tiny_clip(tmp / "pick", words, seed=0)
+    _save_tiny_clip(tmp / "clip", words, seed=1)
+    options = {
+        "pickscore": {"path": str(tmp / "pick"), "processor_path": str(tmp / "pick")},
+        "clipscore": {"path": str(tmp / "clip"), "processor_path": str(tmp / "clip")},
+    }
+    out = tmp / "run"
+    argv = [
+        "--preset", "sd35-medium", "--model", str(tmp / "model"), "--output-dir", str(out),
+        "--rewards", "pickscore", "clipscore", "text_contrast", "--reward-options", json.dumps(options),
+        "--mixed-precision", "no", "--num-threads", "1", "--resolution", "32", "--group-size", "2",
+        "--prompts-per-step", "3", "--sampling-steps", "2", "--train-timesteps", "1", "--sample-batch-size", "4",
+        "--train-batch-size", "6", "--lora-rank", "4", "--lora-alpha", "8", "--max-steps", "2",
+        "--sample-every", "2", "--checkpoint-every", "2", "--grid-prompts", "2", "--grid-images-per-prompt", "1",
+    ]  # fmt: skip
+    assert train.main(argv) == 0
+    return out
+
+
+def test_sd35_preset_runs_end_to_end_from_a_local_pipeline_with_local_reward_models(sd35_run):
+    import json
+
+    cfg = json.loads((sd35_run / "config.json").read_text())
+    assert cfg["lora_targets"] == list(sd35.LORA_TARGETS) and cfg["max_sequence_length"] == 128
+    rows = [json.loads(ln) for ln in (sd35_run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        for k in ("pickscore", "clipscore"):
+            assert r[f"reward/{k}"] is not None and r[f"reward_valid/{k}"] == 1.0
+    # 3 prompts a step, one from each builtin set: exactly the OCR prompt has quoted text
+    assert all(r["reward_valid/text_contrast"] == pytest.approx(1 / 3) for r in rows)
+    assert (sd35_run / "samples" / "step_000002.png").is_file()
+
+
+def test_sd35_lora_is_saved_by_diffusers_on_the_first_attention_only(sd35_run):
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    weights = load_file(str(sd35_run / "pytorch_lora_weights.safetensors"))
+    modules = {k.split(".lora_")[0] for k in weights}
+    # tiny transformer: 2 blocks, the second context-pre-only (no to_add_out); attn2 untouched
+    assert len(modules) == 2 * 8 - 1 and all(".attn." in m and ".attn2." not in m for m in modules)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd35_run.parent / "model"))
+    pipe.load_lora_weights(str(sd35_run), adapter_name="trained")
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert layer.scaling["trained"] == pytest.approx(2.0)
+    assert torch.equal(
+        layer.lora_B["trained"].weight.detach(), weights["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
+    )
+    assert not hasattr(pipe.transformer.transformer_blocks[0].attn2.to_q, "lora_B")

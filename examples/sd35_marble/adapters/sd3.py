@@ -267,7 +267,7 @@ class SD3Adapter(ModelAdapter):
         del rng  # the sampler keeps its own seeded state (saved in checkpoints)
         if n != self.sampler.per_step:
             raise ValueError(f"draw_prompts: n = {n}, but the sampler draws {self.sampler.per_step} per step")
-        return [p.text for p in self.sampler.draw()]
+        return list(self.sampler.draw())  # the sources hold prompt texts
 
     def extra_state(self) -> dict[str, Any]:
         return {"prompt_sampler": self.sampler.state_dict()}
