@@ -207,3 +207,19 @@ def test_sd35_lora_is_saved_by_diffusers_on_the_first_attention_only(sd35_run):
         layer.lora_B["trained"].weight.detach(), weights["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
     )
     assert not hasattr(pipe.transformer.transformer_blocks[0].attn2.to_q, "lora_B")
+
+
+def test_gpu_check_plumbing_runs_every_method_and_writes_the_table(tmp_path):
+    """The GPU check's CPU mode (reduced sizes): every method takes real optimizer steps on its
+    own adapter and the markdown table has a row per method (timings are not asserted)."""
+    import gpu_check
+
+    args = gpu_check.parse_args(
+        ["--device", "cpu", "--tiny", "--resolution", "32", "--prompts", "2", "--group-size", "2"]
+        + ["--sampling-steps", "2", "--steps", "1", "--max-sequence-length", "8", "--out", str(tmp_path / "g.md")]
+    )
+    result = gpu_check.run(args)
+    assert set(result["methods"]) == set(gpu_check.METHODS)
+    assert result["methods"]["weighted-sum"]["ratio_to_weighted_sum"] == 1.0
+    table = gpu_check.markdown(result)
+    assert all(f"| {m} |" in table for m in gpu_check.METHODS)
