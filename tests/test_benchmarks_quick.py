@@ -9,6 +9,7 @@ deterministic (seeded) and are.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -170,3 +171,59 @@ def test_conflict_cosine_statistics(conflict_report):
     assert float(ws[1]) < 0.0
     # Across-objective variance of the cosines: balanced under MARBLE, spread under the sum.
     assert float(stats["MARBLE ρ=0"][2]) < 0.01 < float(ws[2])
+
+
+# ---- diffusion_rl.py: the multi-reward digits grid -----------------------------------------------------
+@pytest.fixture(scope="module")
+def diffusion_rl_report(tmp_path_factory) -> tuple[dict, str, Path]:
+    d = tmp_path_factory.mktemp("bench")
+    _run(
+        "diffusion_rl.py", "--quick", "--out-dir", str(d), "--marble-variant", 'lossnorm={"normalize": "loss+l2"}',
+        timeout=400,
+    )  # fmt: skip
+    data = json.loads((d / "diffusion_rl_quick.json").read_text())
+    return data, (d / "diffusion_rl_quick.md").read_text(), d
+
+
+def test_diffusion_rl_quick_grid_covers_methods_and_seeds_with_the_same_first_rollouts(diffusion_rl_report):
+    data, text, d = diffusion_rl_report
+    methods = ["weighted-sum", "equal-alpha", "marble", "lossnorm"]
+    assert list(data["meta"]["methods"]) == methods
+    assert data["meta"]["methods"]["lossnorm"]["marble_options"] == {"normalize": "loss+l2"}
+    runs = data["runs"]
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in methods for s in (0, 1))
+    assert {r["pretrain_seed"] for r in runs} == {0, 1}
+    for seed in (0, 1):
+        first = {r["method"]: {k: v[0] for k, v in r["curves"].items()} for r in runs if r["seed"] == seed}
+        assert all(f == first["weighted-sum"] for f in first.values())  # same seeds: same first rollout
+        starts = [r["reward_start"] for r in runs if r["seed"] == seed]
+        assert all(s == starts[0] for s in starts)  # same pretrained model, same held-out noise
+    for r in runs:
+        assert 0.8 <= r["judge_end"] <= 1.0 and r["seconds"] > 0
+        for where in ("independent", "solved"):
+            c = r["conflicts"][where]
+            assert c["steps"] == 2 and 0.0 <= c["rate"] <= 1.0
+            assert all(v is None or -1 <= v <= 1 for v in c["mean_cosine"].values())
+    assert (d / "diffusion_rl_quick_mismatch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for m in methods:
+        assert f"| {m} |" in text
+
+
+def test_diffusion_rl_paired_differences_match_the_runs(diffusion_rl_report):
+    data, _, _ = diffusion_rl_report
+    summary = data["summary"]["mismatch"]
+    runs = {(r["method"], r["seed"]): r for r in data["runs"]}
+    for m, entry in summary["methods"].items():
+        for k in summary["rewards"]:
+            changes = [runs[m, s]["reward_end"][k] - runs[m, s]["reward_start"][k] for s in (0, 1)]
+            assert entry["change_mean"][k] == pytest.approx(np.mean(changes), abs=1e-12)
+            if m == "weighted-sum":
+                assert "paired_vs_baseline" not in entry
+                continue
+            base = [
+                runs["weighted-sum", s]["reward_end"][k] - runs["weighted-sum", s]["reward_start"][k] for s in (0, 1)
+            ]
+            paired = entry["paired_vs_baseline"][k]
+            assert paired["diff_mean"] == pytest.approx(np.mean(changes) - np.mean(base), abs=1e-12)
+            assert paired["wins"] == sum(c > b for c, b in zip(changes, base))
+            assert paired["p_greater"] is None or 0.0 <= paired["p_greater"] <= 1.0

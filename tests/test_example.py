@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -509,3 +510,97 @@ def test_report_to_tensorboard_writes_reward_scalars(tmp_path):
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     assert {"reward/brightness", "weight/brightness", "loss"} <= tags
+
+
+# ---- the digits preset (the default) ------------------------------------------------------------------
+DIGITS_SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--sample-batch-size", "16", "--train-batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's first command (no --preset): 2 steps of the digits model, offline."""
+    out = tmp_path_factory.mktemp("digits") / "run"
+    proc = run("--max-steps", "2", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_default_run_trains_digits_and_logs_every_reward(digits_run):
+    out, _ = digits_run
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["preset"] == "digits" and cfg["reward_suite"] == "mismatch"
+    rows = rows_of(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    names = [k.split("/", 1)[1] for k in rows[0] if k.startswith("reward/")]
+    assert len(names) == 5
+    for row in rows:
+        assert row["images_per_step"] == 80
+        for name in names:
+            for prefix in ("reward", "weight", "cosine"):
+                assert isinstance(row[f"{prefix}/{name}"], float) and math.isfinite(row[f"{prefix}/{name}"])
+        assert 0 < row["reward_valid/template_corr"] < 1  # applies to some digits only
+    assert (out / "digits_policy.safetensors").is_file()
+
+
+def test_digits_eval_samples_are_npz_at_step_0_and_the_end(digits_run):
+    from digits.judge import DigitsJudge
+    from digits.model import digits_data
+
+    out, _ = digits_run
+    files = sorted(out.rglob("eval_samples*.npz"))
+    assert [f.name for f in files] == ["eval_samples_step_000000.npz", "eval_samples_step_000002.npz"]
+    judge = DigitsJudge()
+    data, _ = digits_data()
+    for f in files:
+        with np.load(f) as z:
+            images, labels = z["images"], z["labels"]
+        assert images.dtype == np.float32 and images.ndim == 3 and images.shape[1:] == (8, 8)
+        assert images.shape[0] >= 50 and labels.shape == (images.shape[0],)
+        assert np.issubdtype(labels.dtype, np.integer) and set(labels.tolist()) == set(range(10))
+        assert images.min() >= 0 and images.max() <= 1
+        # oriented and scaled like load_digits().images / 16: the judge reads them, background is 0
+        assert judge.accuracy(images, labels) >= 0.9
+        assert abs(float(np.median(images)) - float(np.median(data))) < 0.2
+    with np.load(files[0]) as z:
+        assert z["images"].std() > 0.1  # digits, not blank images
+
+
+def test_the_readme_command_can_be_rerun_and_resumed(digits_run, tmp_path, capsys):
+    out, _ = digits_run
+    before = (out / "metrics.jsonl").read_bytes()
+    assert train.main(["--max-steps", "2", "--output-dir", str(out)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_bytes() == before
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    assert train.main(["--max-steps", "3", "--output-dir", str(resumed), "--resume"]) == 0
+    assert [r["step"] for r in rows_of(resumed)] == [1, 2, 3]
+    assert rows_of(resumed)[:2] == rows_of(out)
+    assert sorted(f.name for f in resumed.rglob("eval_samples*.npz"))[-1] == "eval_samples_step_000003.npz"
+
+
+def test_each_combine_mode_on_digits(tmp_path):
+    rows = {}
+    for combine in ("marble", "weighted-sum", "equal-alpha", "sequential"):
+        rows[combine] = _one_step(tmp_path / combine, "--preset", "digits", "--combine", combine, *DIGITS_SMALL)
+    names = [k.split("/", 1)[1] for k in rows["marble"] if k.startswith("weight/")]
+    assert len(names) == 5
+    for combine, row in rows.items():
+        weights = [row[f"weight/{k}"] for k in names]
+        assert sum(weights) == pytest.approx(1.0), combine
+        assert all(-1 <= row[f"cosine/{k}"] <= 1 for k in names if row[f"cosine/{k}"] is not None), combine
+    assert [rows["sequential"][f"weight/{k}"] for k in names] == [1.0, 0, 0, 0, 0]
+    assert rows["weighted-sum"]["grad_norm"] != pytest.approx(rows["equal-alpha"]["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_two_processes_with_ddp_keep_identical_weights(tmp_path):
+    """accelerate launch, 2 CPU processes (gloo): the loop checks the replicas agree when it saves."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN)]
+    cmd += ["--max-steps", "2", "--output-dir", str(out), *DIGITS_SMALL]
+    proc = subprocess.run(cmd, env=ENV, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = rows_of(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["images_per_step"] == 16

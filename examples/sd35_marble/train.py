@@ -888,6 +888,11 @@ class Trainer:
 
         acc = self.accelerator
         ckpt, tmp = self.out / "checkpoint", self.out / "checkpoint.tmp"
+        if acc.num_processes > 1:  # DDP keeps the replicas identical: check it before saving one of them
+            local = torch.stack([p.detach().double().sum() for p in self.params]).to(self.device)
+            every = acc.gather(local[None]).cpu()
+            if not torch.equal(every, every[:1].expand_as(every)):
+                raise RuntimeError(f"step {self.step}: the trained weights differ between processes")
         acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
