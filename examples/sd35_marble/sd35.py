@@ -8,10 +8,10 @@ of the diffusers repository; they are embedded here:
 - ``TRANSFORMER_CONFIG`` — ``SD3Transformer2DModel``, 24 MMDiT-X blocks of width 1536
   (24 heads × 64), the first 13 with a second, image-only self-attention ("dual attention"),
   RMS q/k norms: 2,243,171,520 parameters;
-- ``VAE_CONFIG`` — ``AutoencoderKL`` with 16 latent channels, 8× downsampling: 83,653,863;
+- ``VAE_CONFIG`` — ``AutoencoderKL`` with 16 latent channels, 8× downsampling: 83,819,683;
 - ``CLIP_L_CONFIG``, ``CLIP_G_CONFIG`` — the two ``CLIPTextModelWithProjection`` text towers
-  (ViT-L/14 and OpenCLIP bigG/14): 0.12 B and 0.69 B;
-- ``T5_CONFIG`` — the ``T5EncoderModel`` of T5 v1.1 XXL: 4.76 B.
+  (ViT-L/14 and OpenCLIP bigG/14): 123,650,304 and 694,659,840;
+- ``T5_CONFIG`` — the ``T5EncoderModel`` of T5 v1.1 XXL: 4,762,310,656.
 
 ``build_random_pipeline`` builds a ``StableDiffusion3Pipeline`` from them with random weights
 and word-level tokenizers made in memory (ids inside the real vocabularies); its images are

@@ -82,6 +82,7 @@ DEFAULT_PROMPTS = [str(HERE / "prompts" / f) for f in ("general.txt", "ocr.txt",
 FIXED_ON_RESUME = (
     "preset",
     "model",
+    "random_init",
     "seed",
     "rewards",
     "combine",
