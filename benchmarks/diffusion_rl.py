@@ -441,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="RL seeds (pretrained model = seed % 2)"
     )
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--eval-every", type=int, default=10, help="steps between conflict measurements")
+    p.add_argument("--eval-every", type=int, default=20, help="steps between conflict measurements")
     p.add_argument(
         "--lr", type=float, help=f"default: the recorded --lr-sweep choice ({LR_RECORD.name}), else {DEFAULT_LR}"
     )

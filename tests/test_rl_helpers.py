@@ -144,3 +144,29 @@ def test_update_cosines_match_explicit_gradients():
     # the graph is kept for the real backward
     sum(losses.values()).backward()
     assert torch.allclose(shared.grad, c[0] + c[1])
+
+
+# ---- nft_losses(reduction="none") ---------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), keep=st.lists(st.booleans(), min_size=6, max_size=6))
+def test_per_sample_nft_losses_average_to_the_mean_loss_and_zero_left_out_samples(seed, keep):
+    from marble_opt.rl import nft_losses
+
+    g = torch.Generator().manual_seed(seed)
+    b = 6
+    v = torch.randn(b, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v_old, x0, xt = (torch.randn(b, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.rand(b, generator=g, dtype=torch.float64)
+    adv = {"a": torch.randn(b, generator=g), "b": torch.randn(b, generator=g)}
+    masks = {"a": torch.tensor(keep), "b": torch.ones(b, dtype=torch.bool)}
+    mean = nft_losses(v, v_old, x0, xt, t, adv, masks=masks)
+    per = nft_losses(v, v_old, x0, xt, t, adv, masks=masks, reduction="none")
+    for k in adv:
+        assert per.losses[k].shape == (b,)
+        assert torch.allclose(per.losses[k].mean(), mean.losses[k].to(per.losses[k].dtype), rtol=1e-6, atol=1e-9)
+    assert torch.all(per.losses["a"][~torch.tensor(keep)] == 0)
+    # each kept sample's loss depends on its own velocity only
+    (grad,) = torch.autograd.grad(per.losses["b"][0], v)
+    assert torch.all(grad[1:] == 0) and grad[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="reduction"):
+        nft_losses(v, v_old, x0, xt, t, adv, reduction="sum")

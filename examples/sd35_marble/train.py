@@ -1,45 +1,48 @@
 #!/usr/bin/env python
-"""Multi-reward RL fine-tuning of Stable Diffusion 3.5 with MARBLE (DiffusionNFT loss, LoRA).
+"""Multi-reward RL fine-tuning of flow models with MARBLE (DiffusionNFT loss): digits, SD3, SD3.5.
 
 One optimizer step:
 
-1. draw ``--prompts-per-step`` prompts (equally from the ``--prompt-files``), ``--group-size``
-   images each;
-2. roll out with the *old* policy (a second LoRA adapter, ``"old"``): deterministic
-   flow-matching sampling (Euler or DPM-Solver++(2M), no CFG) through the SD3 transformer,
-   decode with the VAE;
-3. score every image with every reward (K rewards; NaN where one does not apply);
+1. draw ``--prompts-per-step`` prompts (digit labels; or text, equally from the
+   ``--prompt-files``), ``--group-size`` samples each;
+2. roll out with the *old* policy: deterministic flow-matching sampling
+   (``marble_opt.rl.flow_sample``: Euler or DPM-Solver++(2M), no CFG), then decode;
+3. score every sample with every reward (K rewards; NaN where one does not apply);
 4. per-reward advantages: ``marble_opt.rl.group_advantages`` (mean per prompt group, std over
    the batch);
 5. for ``--train-timesteps`` random timesteps of each sample's schedule: noise the sample,
-   predict ``v_θ`` (adapter ``"default"``), ``v_old`` (adapter ``"old"``, no grad) and ``v_ref``
-   (adapters disabled, no grad, for the KL), and build the K DiffusionNFT losses with
+   predict ``v_θ`` (the trained policy), ``v_old`` (the old policy, no grad) and ``v_ref`` (the
+   frozen reference, no grad, for the KL), and build the K DiffusionNFT losses with
    ``marble_opt.rl.nft_losses``;
-6. ``--combine marble``: ``MarbleOptimizer(AdamW, gram="shared").backward(losses,
-   shared=v_θ, extra=kl)`` balances the K gradients (min-norm point of their convex hull,
-   measured on the predicted velocity); ``--combine weighted-sum``: plain AdamW on the mean of
-   the K losses (+ KL), the DiffusionNFT baseline;
-7. clip, step, then ``θ_old ← d·θ_old + (1−d)·θ`` with ``d = min(rate·step, max)``.
+6. combine (``--combine``): ``marble``: ``MarbleOptimizer(AdamW, gram="shared").backward(losses,
+   shared=v_θ, extra=kl)`` balances the K gradients (min-norm point of their convex hull);
+   ``weighted-sum``: DiffusionNFT's baseline, one NFT loss from the advantage of the NaN-aware
+   mean of the raw rewards; ``equal-alpha``: the mean of the K losses; ``sequential``: one
+   reward per stage;
+7. clip, step, then ``θ_old ← d·θ_old + (1−d)·θ`` with ``d = min(rate·step, max)`` and the
+   model EMA (``marble_opt.rl.ema_update_``).
 
 The loop is written once against ``adapters.base.ModelAdapter`` (condition encoding,
-velocity of the default/old/reference policy, decoding, latent shape, weights); the SD3
-specifics live in ``adapters/sd3.py``; the model-independent maths (advantages, NFT losses,
-samplers, old-policy/EMA updates, update cosines) in ``marble_opt.rl``.
+velocity of the default/old/reference policy, decoding, latent shape, weights); the model
+specifics live in ``adapters/digits.py`` and ``adapters/sd3.py``; the model-independent maths
+(advantages, NFT losses, samplers, old-policy/EMA updates, update cosines) in ``marble_opt.rl``.
 
-Presets: ``tiny`` (default) builds a randomly initialised SD3 pipeline from configs and uses
-pixel rewards — a CPU runs it in seconds with no network; ``sd35-medium`` loads
+Presets: ``digits`` (default) fine-tunes the shipped 0.5 M-parameter digits flow on a reward
+suite, on a CPU in about a minute; ``tiny`` builds a randomly initialised SD3 pipeline from
+configs with pixel rewards (plumbing; seconds, no network); ``sd35-medium`` loads
 ``stabilityai/stable-diffusion-3.5-medium`` with the MARBLE authors' recipe.
 
 Examples::
 
-    python examples/sd35_marble/train.py --max-steps 2 --output-dir /tmp/run
-    python examples/sd35_marble/train.py --combine weighted-sum --max-steps 200 --output-dir runs/ws
+    python examples/sd35_marble/train.py --output-dir runs/digits --resume
+    python examples/sd35_marble/train.py --combine weighted-sum --output-dir runs/digits-ws
+    python examples/sd35_marble/train.py --preset tiny --max-steps 2 --output-dir /tmp/run
     accelerate launch examples/sd35_marble/train.py --preset sd35-medium --output-dir runs/sd35
-    python examples/sd35_marble/train.py --output-dir /tmp/run --resume --max-steps 4
 
-Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per optimizer step),
-``pytorch_lora_weights.safetensors`` (diffusers format: ``pipe.load_lora_weights(dir)``),
-``samples/step_XXXXXX.png`` grids, ``config.json`` and ``checkpoint/`` (for ``--resume``).
+Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per optimizer step), the
+trained weights (``pytorch_lora_weights.safetensors`` in diffusers' format for SD3,
+``digits_policy.safetensors`` for digits), ``samples/`` (PNG grids; digits: also
+``eval_samples_step_XXXXXX.npz``), ``config.json`` and ``checkpoint/`` (for ``--resume``).
 """
 
 from __future__ import annotations
