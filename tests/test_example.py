@@ -359,7 +359,7 @@ def _no_grids(t: train.Trainer) -> train.Trainer:
 @pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one_exactly(tmp_path):
     """LoRA, optimizer (with MARBLE's smoothed weights), step and every RNG are restored."""
-    for combine in ("marble", "weighted-sum", "sequential"):
+    for combine in ("marble", "weighted-sum"):
         straight, split = tmp_path / combine / "straight", tmp_path / combine / "split"
         args = ("--combine", combine, "--checkpoint-every", "2")
         assert _no_grids(_trainer(straight, *args, "--max-steps", "3")).train() == 0
@@ -489,11 +489,14 @@ def test_combine_option_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_without_a_checkpoint_starts_the_run(tmp_path):
-    t = _no_grids(_trainer(tmp_path, "--max-steps", "1", "--resume"))
+def test_resume_without_a_checkpoint_starts_the_run(tmp_path, capsys):
+    t = _no_grids(_trainer(tmp_path, "--max-steps", "1", "--resume", "--combine", "sequential"))
     assert t.step == 0 and t.cfg.resume is False
     assert t.train() == 0
     assert [r["step"] for r in rows_of(tmp_path / "r")] == [1]
+    # a sequential run's stages are fractions of --max-steps: resuming keeps it
+    assert train.main(["--output-dir", str(tmp_path / "r"), "--resume", "--max-steps", "2"]) == 2
+    assert "--combine sequential divides --max-steps" in capsys.readouterr().err
 
 
 @pytest.mark.slow

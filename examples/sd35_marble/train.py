@@ -420,6 +420,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
                         "a resumed run keeps it (start a new --output-dir to change it)"
                     )
         merged = {**saved, **file, **cli, "resume": True, "output_dir": output_dir}
+        if saved.get("combine") == "sequential" and merged.get("max_steps") != saved.get("max_steps"):
+            raise ConfigError(
+                f"--resume: --max-steps {merged.get('max_steps')} differs from the run's {saved.get('max_steps')}; "
+                "--combine sequential divides --max-steps into its stages, so a resumed run keeps it"
+            )
     else:
         preset = cli.get("preset", file.get("preset", Config.preset))
         if preset not in PRESETS:
