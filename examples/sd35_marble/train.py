@@ -55,6 +55,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ import torch  # noqa: E402
 from adapters import Cond, ConfigError, ModelAdapter, adapter_class, take  # noqa: E402
 from adapters.sd3 import ATTENTION_TARGETS, SD35_MEDIUM, load_prompt_files  # noqa: E402
 from rewards import REWARDS, RewardLoadError, check_reward_names  # noqa: E402
+from sd35 import LORA_TARGETS as SD35_LORA_TARGETS  # noqa: E402
 
 from marble_opt.rl import (  # noqa: E402
     ema_update_,
@@ -83,6 +85,7 @@ DEFAULT_PROMPTS = [str(HERE / "prompts" / f) for f in ("general.txt", "ocr.txt",
 FIXED_ON_RESUME = (
     "preset",
     "model",
+    "random_init",
     "seed",
     "rewards",
     "combine",
@@ -157,6 +160,9 @@ class Config:
     reward_weights: dict[str, float] = field(default_factory=dict)
     marble_options: dict[str, Any] = field(default_factory=dict)
     report_to: str = "none"
+    random_init: bool = False
+    offload_text_encoders: bool = False
+    reward_dtype: str = "float32"
 
 
 #: Preset values (override the dataclass defaults above, which are the tiny preset's).
@@ -197,7 +203,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train_timesteps": 24,
         "sample_batch_size": 8,
         "train_batch_size": 4,
-        "max_sequence_length": 256,
+        "max_sequence_length": 128,
+        "lora_targets": list(SD35_LORA_TARGETS),  # with the attn. prefix: 191 modules, not 243
+        "prompt_files": ["builtin:general", "builtin:ocr", "builtin:geneval"],
+        "offload_text_encoders": True,
         "lora_rank": 32,
         "lora_alpha": 64.0,
         "lr": 3e-4,
@@ -216,6 +225,7 @@ CHOICES = {
     "gram": ("shared", "exact", "exact-lean"),
     "old_update": ("ema", "copy"),
     "mixed_precision": ("no", "bf16"),
+    "reward_dtype": ("float32", "bfloat16", "float16"),
 }
 
 
@@ -244,6 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", "digits: a real 8x8 digits flow on CPU; tiny: random SD3 plumbing; sd35-medium: the authors' recipe"
     )
     add("--model", "sd35-medium: local directory or hub id of the diffusers pipeline")
+    add(
+        "--random-init",
+        "sd35-medium: the real architecture from embedded configs, random weights, no download",
+        action=argparse.BooleanOptionalAction,
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="sd35-medium: build the transformer on the meta device with the run's LoRA, print one JSON "
+        "summary (parameter and LoRA counts, token counts, activation memory per sample) and exit",
+    )
     add("--output-dir", "where metrics, LoRA weights, grids and checkpoints go")
     add("--max-steps", "total optimizer steps (a resumed run continues up to it)", type=int)
     add(
@@ -271,12 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("rewards and prompts")
     add("--rewards", "reward names (see --list-rewards)", nargs="+")
+    add("--reward-dtype", "dtype of the reward models (each process loads them onto its own device)")
     add(
         "--reward-options",
         'JSON object {reward: {option: value}}, e.g. \'{"pickscore": {"path": "/m"}}\'',
         type=json_object,
     )
-    add("--prompt-files", "text files, one prompt per line; prompts are drawn equally from each", nargs="+")
+    add(
+        "--prompt-files",
+        "prompt sources drawn equally, without replacement per epoch: text files (a prompt per line), "
+        "GenEval-style .jsonl metadata, or builtin:general|ocr|geneval",
+        nargs="+",
+    )
     add("--reward-suite", "digits: reward suite of digits/rewards.py (mismatch or conflict)")
     add("--pretrain-seed", "digits: which shipped pretrained model (its pretraining seed)", type=int)
     add(
@@ -292,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sampler", "deterministic sampler (dpm2 = DPM-Solver++(2M))")
     add("--sample-batch-size", "images per sampling forward pass (per process)", type=int)
     add("--max-sequence-length", "T5 tokens per prompt", type=int)
+    add(
+        "--offload-text-encoders",
+        "keep the text encoders on the CPU between encodes",
+        action=argparse.BooleanOptionalAction,
+    )
     g = p.add_argument_group("training")
     add("--train-timesteps", "timesteps trained per sample (out of --sampling-steps)", type=int)
     add("--train-batch-size", "samples per training micro-batch (per process)", type=int)
@@ -368,7 +400,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """Defaults < preset < --config file < flags; with --resume, the saved config.json."""
-    cli = {k: v for k, v in vars(args).items() if k not in ("config", "list_rewards", "print_config")}
+    cli = {k: v for k, v in vars(args).items() if k not in ("config", "list_rewards", "print_config", "dry_run")}
     file = _read_config_file(args.config) if getattr(args, "config", None) else {}
     output_dir = cli.get("output_dir", file.get("output_dir", Config.output_dir))
     resume = cli.get("resume", file.get("resume", False))
@@ -500,6 +532,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--reward-weights names {unknown}, which are not among --rewards {cfg.rewards}")
     if not cfg.lora_targets:
         raise ConfigError("--lora-targets is empty")
+    if cfg.random_init and cfg.preset != "sd35-medium":
+        raise ConfigError(
+            f"--random-init builds SD3.5 Medium's architecture: use it with --preset sd35-medium, not {cfg.preset!r}"
+        )
 
 
 # ---- small helpers -------------------------------------------------------------------------------
@@ -543,6 +579,7 @@ class Rollout:
     x0: torch.Tensor  # (B, *latent_shape) final samples, float32
     cond: Cond  # one row per (local) prompt
     images: torch.Tensor  # decoded samples for the rewards, float32, CPU
+    rewards: dict[str, torch.Tensor] | None = None  # (B,) local rewards, scored during the rollout
 
 
 class Trainer:
@@ -628,20 +665,32 @@ class Trainer:
         prompt_index = torch.arange(len(mine)).repeat_interleave(g)
         prompts = [p for p in mine for _ in range(g)]
         group_ids = torch.arange(start, start + len(mine)).repeat_interleave(g)
-        latents = []
-        for lo in range(0, len(prompts), cfg.sample_batch_size):
-            hi = min(lo + cfg.sample_batch_size, len(prompts))
-            noise = torch.randn((hi - lo, *self.adapter.latent_shape), generator=self.gen).to(self.device)
-            latents.append(self.sample(noise, take(cond, prompt_index[lo:hi])))
-        x0 = torch.cat(latents)
-        return Rollout(prompts, group_ids, prompt_index, x0, cond, self.adapter.decode(x0))
+        reward_prompts = self.adapter.reward_prompts(prompts)
+        latents, images, scored = [], [], []
+        # chunk i is decoded, then scored on a worker thread while chunk i+1 is sampled
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards") as pool:
+            for lo in range(0, len(prompts), cfg.sample_batch_size):
+                hi = min(lo + cfg.sample_batch_size, len(prompts))
+                noise = torch.randn((hi - lo, *self.adapter.latent_shape), generator=self.gen).to(self.device)
+                latents.append(self.sample(noise, take(cond, prompt_index[lo:hi])))
+                images.append(self.adapter.decode(latents[-1]))
+                scored.append(pool.submit(self._score_chunk, images[-1], reward_prompts[lo:hi]))
+            chunks = [f.result() for f in scored]
+        rewards = {r.name: torch.cat([c[r.name] for c in chunks]) for r in self.rewards}
+        return Rollout(prompts, group_ids, prompt_index, torch.cat(latents), cond, torch.cat(images), rewards)
+
+    def _score_chunk(self, images: torch.Tensor, prompts: list[Any]) -> dict[str, torch.Tensor]:
+        """Every reward on one chunk of images: (b,) float32 each (runs on the reward thread)."""
+        return {r.name: r(images, prompts).float() for r in self.rewards}
 
     def score(self, batch: Rollout) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Local rewards, then advantages over the whole (all-process) batch; returns
         ``(gathered rewards, local advantages, local masks)``."""
         acc = self.accelerator
-        prompts = self.adapter.reward_prompts(batch.prompts)
-        local = {r.name: r(batch.images, prompts).float() for r in self.rewards}
+        if batch.rewards is not None:  # scored during the rollout
+            local = batch.rewards
+        else:
+            local = self._score_chunk(batch.images, self.adapter.reward_prompts(batch.prompts))
         gathered = {k: acc.gather(v.to(self.device)).cpu() for k, v in local.items()}
         gids = acc.gather(batch.group_ids.to(self.device)).cpu()
         adv = group_advantages(gathered, gids, global_std=not self.cfg.per_group_std)
@@ -1010,6 +1059,34 @@ def finished_same_run(cfg: Config) -> bool:
     return same and step >= cfg.max_steps
 
 
+def dry_run(cfg: Config) -> dict[str, Any]:
+    """The run's summary without weights: the transformer on the meta device with the run's LoRA."""
+    if cfg.preset != "sd35-medium":
+        raise ConfigError(f"--dry-run summarises the sd35-medium preset, not {cfg.preset!r}")
+    from sd35 import dry_run_summary
+
+    out = dry_run_summary(
+        targets=cfg.lora_targets,
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        resolution=cfg.resolution,
+        max_sequence_length=cfg.max_sequence_length,
+        micro_batch=cfg.train_batch_size,
+    )
+    out.update(
+        {
+            "preset": cfg.preset,
+            "random_init": cfg.random_init,
+            "combine": cfg.combine,
+            "gram": cfg.gram,
+            "rewards": list(cfg.rewards),
+            "prompt_files": list(cfg.prompt_files),
+            "images_per_step": cfg.prompts_per_step * cfg.group_size,
+        }
+    )
+    return out
+
+
 def list_rewards() -> str:
     return "\n".join(f"{name:24s} {cls.description}" for name, cls in REWARDS.items())
 
@@ -1023,6 +1100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = resolve_config(args)
         validate(cfg)
+        if getattr(args, "dry_run", False):
+            print(json.dumps(dry_run(cfg)))
+            return 0
         if getattr(args, "print_config", False):
             print(json.dumps(asdict(cfg), indent=2))
             return 0

@@ -27,19 +27,21 @@ SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 
 
 def load_prompt_files(paths: list[str]) -> list[list[str]]:
-    """One list of prompts per file (blank lines and ``#`` comments skipped); errors if empty."""
+    """One list of prompt texts per source: a text file (one prompt per line, blank lines and
+    ``#`` comments skipped), a GenEval-style ``.jsonl`` metadata file or ``builtin:NAME``
+    (``prompts.BUILTIN_SETS``); errors name the file (and line)."""
+    from prompts import PromptFileError, load_prompt_source
+
     if not paths:
         raise ConfigError("--prompt-files is empty: give at least one file of prompts")
     out = []
     for path in paths:
-        file = Path(path)
-        if not file.is_file():
+        if not path.startswith("builtin:") and not Path(path).is_file():
             raise ConfigError(f"prompt file {path!r} does not exist")
-        prompts = [ln.strip() for ln in file.read_text(encoding="utf-8").splitlines()]
-        prompts = [p for p in prompts if p and not p.startswith("#")]
-        if not prompts:
-            raise ConfigError(f"prompt file {path!r} is empty (no prompts after skipping blank lines and # comments)")
-        out.append(prompts)
+        try:
+            out.append([p.text for p in load_prompt_source(path)])
+        except PromptFileError as exc:
+            raise ConfigError(str(exc)) from exc
     return out
 
 
@@ -52,14 +54,19 @@ class SD3Adapter(ModelAdapter):
     def build_rewards(cls, cfg: Any, device: torch.device) -> list[Any]:
         from rewards import build_rewards
 
-        return build_rewards(cfg.rewards, cfg.reward_options)
+        # each process loads its reward models onto its own device, in --reward-dtype
+        return build_rewards(cfg.rewards, cfg.reward_options, device=device, dtype=cfg.reward_dtype)
 
     def __init__(self, cfg: Any, accelerator: Any) -> None:
         self.cfg = cfg
         self.accelerator = accelerator
         self.device = accelerator.device
         self.weight_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+        from prompts import PromptSampler
+
         self.sources = load_prompt_files(cfg.prompt_files)
+        # without replacement within each source's epoch, equal shares, same on every process
+        self.sampler = PromptSampler(self.sources, cfg.prompts_per_step, seed=cfg.seed)
         self.pipe = self._load_pipeline()
         factor = self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
         if cfg.resolution % factor:
@@ -86,6 +93,17 @@ class SD3Adapter(ModelAdapter):
             pipe = build_tiny_pipeline(
                 [p for src in self.sources for p in src], seed=cfg.seed, max_length=cfg.max_sequence_length
             )
+        elif cfg.random_init:
+            from sd35 import build_random_pipeline
+
+            # SD3.5 Medium's real architecture, random weights, built on the device (no download)
+            pipe = build_random_pipeline(
+                [p for src in self.sources for p in src],
+                seed=cfg.seed,
+                dtype=self.weight_dtype,
+                device=self.device,
+                max_sequence_length=cfg.max_sequence_length,
+            )
         else:
             from diffusers import StableDiffusion3Pipeline
 
@@ -108,7 +126,9 @@ class SD3Adapter(ModelAdapter):
             dtype = torch.float32 if name == "vae" else self.weight_dtype  # the VAE decodes in float32
             if module.dtype != dtype:
                 module.to(dtype=dtype)
-            module.to(self.device).eval().requires_grad_(False)
+            # text encoders stay on the CPU between encodes (--offload-text-encoders)
+            offload = name.startswith("text_encoder") and cfg.offload_text_encoders
+            module.to("cpu" if offload else self.device).eval().requires_grad_(False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -194,8 +214,31 @@ class SD3Adapter(ModelAdapter):
             )[0]
         return out.float()
 
+    @contextlib.contextmanager
+    def _text_encoders_on_device(self) -> Iterator[None]:
+        """With ``--offload-text-encoders``: the three encoders (11 GB in bf16 for SD3.5) visit
+        the device for one ``encode`` and go back to the CPU, freeing their memory for rollouts."""
+        if not self.cfg.offload_text_encoders or self.device.type == "cpu":
+            yield
+            return
+        encoders = [getattr(self.pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        try:
+            for m in encoders:
+                m.to(self.device)
+            yield
+        finally:
+            for m in encoders:
+                m.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Cond:
+        """One (embeds, pooled) row per prompt (the loop indexes rows per image, no copies)."""
+        with self._text_encoders_on_device():
+            return self._encode(prompts)
+
+    def _encode(self, prompts: list[str]) -> Cond:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts,
             prompt_2=None,
@@ -219,10 +262,19 @@ class SD3Adapter(ModelAdapter):
 
     # ---- prompts --------------------------------------------------------------------------------
     def draw_prompts(self, rng: random.Random, n: int) -> list[str]:
-        """``n`` prompts, equally from each source (same on every process)."""
-        k = len(self.sources)
-        offset = rng.randrange(k)
-        return [rng.choice(self.sources[(offset + j) % k]) for j in range(n)]
+        """``n`` distinct prompts, equally from each source, without replacement within each
+        source's epoch (``prompts.PromptSampler``, seeded by ``--seed``; same on every process)."""
+        del rng  # the sampler keeps its own seeded state (saved in checkpoints)
+        if n != self.sampler.per_step:
+            raise ValueError(f"draw_prompts: n = {n}, but the sampler draws {self.sampler.per_step} per step")
+        return list(self.sampler.draw())  # the sources hold prompt texts
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"prompt_sampler": self.sampler.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "prompt_sampler" in state:
+            self.sampler.load_state_dict(state["prompt_sampler"])
 
     def eval_prompts(self) -> list[str]:
         s = self.sources
@@ -230,11 +282,12 @@ class SD3Adapter(ModelAdapter):
 
     # ---- outputs --------------------------------------------------------------------------------
     def export(self, out_dir: Path, tensors: dict[str, dict[str, Tensor]]) -> None:
-        """LoRA with ``StableDiffusion3Pipeline.save_lora_weights`` (``pipe.load_lora_weights(out_dir)``
-        reads it): the LoRA config goes in the metadata."""
+        """LoRA in diffusers' format through ``StableDiffusion3Pipeline.save_lora_weights``
+        (``pipe.load_lora_weights(out_dir)`` reads it; the EMA copy with ``weight_name=``)."""
         from diffusers import StableDiffusion3Pipeline
 
-        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in self.lora_config.to_dict().items()}
+        cfg = self.lora_config.to_dict()
+        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
         names = {"default": "pytorch_lora_weights.safetensors", "ema": "pytorch_lora_weights_ema.safetensors"}
         for which, sd in tensors.items():
             StableDiffusion3Pipeline.save_lora_weights(
