@@ -155,7 +155,7 @@ def test_cagrad_solves_its_dual_at_least_as_well_as_torchjd() -> None:
             a = g.sum(axis=1) / k
             s = 0.4 * math.sqrt(a.sum() / k)
 
-            def f(w: np.ndarray) -> float:
+            def f(w: np.ndarray, a: np.ndarray = a, s: float = s, g: np.ndarray = g) -> float:
                 return float(a @ w) + s * math.sqrt(max(float(w @ g @ w), 0.0))
 
             ref = torchjd_weighting("cagrad")(torch.from_numpy(gram)).double().numpy() - 1.0 / k
