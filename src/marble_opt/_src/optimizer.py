@@ -68,9 +68,21 @@ class MarbleOptimizer(torch.optim.Optimizer):
     It is a ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and ``defaults`` are
     the wrapped optimizer's own objects.
 
+    The step reads: measure G (the Gram source ``gram`` and the estimator
+    ``gram_estimator``) → the weighting (G, loss values, validity → per-loss weights w) →
+    the source writes ``Σ_k w_k ∇L_k``. MARBLE (above) is the default weighting.
+
     Args:
         optimizer: an already built torch optimizer (AdamW, SGD, ...).
-        ema_decay: ρ in [0, 1). 0.7 is the paper's best value; 0 disables smoothing.
+        weighting: ``"marble"`` (default), ``"mgda"``, ``"mean"``, ``"upgrad"``,
+            ``"cagrad"``, ``"imtl-g"``, ``"aligned-mtl"`` (``marble_opt.WEIGHTINGS``), a
+            ``Weighting``, or any callable with TorchJD's Gramian-weighting signature
+            (``fn(G: Tensor K×K) -> Tensor (K,)``, e.g. ``torchjd.aggregation.UPGradWeighting()``).
+        weighting_options: options of a weighting given by name (``{"c": 0.4}`` for
+            CAGrad, ``{"anchor": 0.5, "preference": [...]}`` for MARBLE).
+        ema_decay: MARBLE's ρ in [0, 1) (default 0.7, the paper's best value; 0 disables
+            smoothing). This and ``normalize``, ``rescale``, ``solver`` are MARBLE's options
+            (``solver`` also MGDA's): refused with another weighting.
         normalize: ``"l2"`` (ĝ = g/‖g‖), ``"none"``, ``"loss"`` (ĝ = g/L), ``"loss+l2"``.
         rescale: scale the update to the mean raw gradient norm, ``d = m·Σ_k α_k ĝ_k`` with
             ``m = mean‖g_k‖ / mean‖ĝ_k‖`` (the authors' choice). With ``False`` the update
@@ -81,6 +93,11 @@ class MarbleOptimizer(torch.optim.Optimizer):
             per-objective gradients are measured (``marble_opt.GRAM_SOURCES``; the README's
             "Gram sources" table).
         gram_params: the parameters ``gram="params"`` measures G on.
+        gram_estimator: ``"batch"`` (default: G of the whole batch's gradients) or
+            ``"cross"``: losses are per-sample (B,) tensors, G is the cross product of two
+            disjoint halves' gradients, ``½(⟨g_k^A, g_l^B⟩ + ⟨g_l^A, g_k^B⟩)``, unbiased for
+            ``⟨E g_k, E g_l⟩`` (see ``marble_opt._src.estimators``); not with ``gram="shared"``.
+        estimator_options: for ``"cross"``: ``{"floor": 0.01, "ema": 0.0}``.
         refresh_every: solve the QP on every N-th optimizer step; in between, reuse the
             last loss weights with one ordinary backward.
         nonfinite: a non-finite loss or gradient ``"skip"``\ s the step (parameters,
