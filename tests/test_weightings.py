@@ -48,7 +48,7 @@ def torchjd_weighting(name: str):
     # Frank–Wolfe eps 1e-3 for MGDA; reg_eps 1e-4 added to the normalised Gram for UPGrad).
     return {
         "mean": tja.MeanWeighting(),
-        "mgda": tja.MGDAWeighting(epsilon=1e-12, max_iters=100_000),
+        "mgda": tja.MGDAWeighting(epsilon=1e-12, max_iters=10_000),
         "upgrad": tja.UPGradWeighting(projector=QuadprogProjector(norm_eps=0.0, reg_eps=1e-12)),
         "cagrad": tja.CAGradWeighting(c=0.4, norm_eps=1e-12),
         "imtl-g": tja.IMTLGWeighting(),
