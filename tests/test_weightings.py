@@ -344,3 +344,20 @@ def test_the_public_namespace_exports_every_weighting() -> None:
     for name, cls in marble_opt.WEIGHTINGS.items():
         assert cls.name == name
         assert getattr(marble_opt, cls.__name__) is cls
+
+
+@pytest.mark.parametrize("factory", ["DualProjWeighting", "IMTLGWeighting", "AlignedMTLWeighting", "MeanWeighting"])
+def test_any_torchjd_gramian_weighting_drives_the_optimizer(factory: str) -> None:
+    """A TorchJD weighting we have no native version of (DualProj) works like the others:
+    the update is Σ w_k g_k with w = weighting(G) on the measured Gram."""
+    model = make_model(8)
+    weighting = getattr(tja, factory)()
+    opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), weighting=weighting)
+    losses = objectives(model)
+    j = grads_of(model, losses)
+    report = opt.backward(losses)
+    want = weighting(torch.from_numpy(j @ j.T)).double().numpy()
+    got = np.array([report.loss_weights[n] for n in report.names])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(flat_grad(model), j.T @ got, rtol=1e-4, atol=1e-6)
+    assert report.solver_status == factory
