@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from marble_opt import MarbleOptimizer, loss_weights
@@ -202,3 +204,34 @@ def test_bad_per_sample_input_is_refused_with_names() -> None:
         plain.backward({n: v.mean() for n, v in losses.items()}, groups=[0, 1, 0, 1, 0, 1])
     with pytest.raises(ValueError, match="gram_estimator must be one of"):
         MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gram_estimator="halves")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(1, 6),
+    n_groups=st.integers(2, 9),
+    per_group=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    floor=st.floats(0.0, 1.0),
+)
+def test_split_and_processing_properties(k: int, n_groups: int, per_group: int, seed: int, floor: float) -> None:
+    """Groups stay whole and alternate; the matrix handed to a weighting is PSD with its
+    diagonal at least floor·‖g^A‖‖g^B‖; the raw estimate is the symmetrised cross product."""
+    from marble_opt._src.estimators import CrossGram
+
+    rng = np.random.default_rng(seed)
+    ids = np.repeat(rng.permutation(n_groups), per_group)
+    mask = split_halves(ids.size, ids)
+    for g in np.unique(ids):
+        assert len(set(mask[ids == g])) == 1  # a group is never split
+    order = list(dict.fromkeys(ids.tolist()))
+    assert [bool(mask[ids == g][0]) for g in order] == [i % 2 == 0 for i in range(len(order))]
+    a, b = rng.normal(size=(k, 7)), rng.normal(size=(k, 7))
+    rows = np.concatenate([a, b])
+    cross, consistency, products = CrossGram.split_gram(rows @ rows.T)
+    np.testing.assert_allclose(cross, 0.5 * (a @ b.T + b @ a.T), atol=1e-12)
+    np.testing.assert_allclose(products, np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(consistency * products, np.sum(a * b, axis=1), atol=1e-12)
+    used = CrossGram(floor=floor).process(cross, products)
+    assert np.linalg.eigvalsh(used).min() >= -1e-10 * max(1.0, np.abs(used).max())
+    assert (np.diag(used) >= floor * products - 1e-12).all()
