@@ -59,6 +59,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # through accelerate.prepare: positional opt.step(losses), and accumulate() over 2 micro-batches
     "accelerate-step-losses": dict(gram="params", accelerate="step", steps=3),
     "accelerate-accum": dict(gram="shared", accelerate="accumulate", steps=3, micro=2),
+    # the cross-batch Gram: halves are local (even / odd samples), each half's gradients
+    # averaged over ranks, so it equals one process whose halves are the union of them
+    "exact-cross-ddp": dict(gram="exact", ddp=True, steps=3, estimator="cross"),
+    "params-cross-ddp-refresh": dict(gram="params", ddp=True, steps=4, refresh_every=2, estimator="cross"),
 }
 
 
@@ -76,13 +80,18 @@ class Net(nn.Module):
         return h, self.out(h)
 
 
-def losses_of(out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Three conflicting objectives of different scales, each a mean over the batch."""
+def per_sample_losses_of(out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Three conflicting objectives of different scales, one value per sample (B,)."""
     return {
-        "a": ((out[:, 0] - y[:, 0]) ** 2).mean(),
-        "b": ((out[:, 1] - y[:, 1]) ** 2).mean() + 0.5 * ((out[:, 0] + y[:, 0]) ** 2).mean(),
-        "c": 0.1 * ((out[:, 2] - y[:, 2]) ** 2).mean() + 0.3 * ((out[:, 0] - out[:, 1]) ** 2).mean(),
+        "a": (out[:, 0] - y[:, 0]) ** 2,
+        "b": (out[:, 1] - y[:, 1]) ** 2 + 0.5 * (out[:, 0] + y[:, 0]) ** 2,
+        "c": 0.1 * (out[:, 2] - y[:, 2]) ** 2 + 0.3 * (out[:, 0] - out[:, 1]) ** 2,
     }
+
+
+def losses_of(out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same objectives, each a mean over the batch."""
+    return {name: value.mean() for name, value in per_sample_losses_of(out, y).items()}
 
 
 def global_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +122,7 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
         normalize=cfg.get("normalize", "l2"),
         refresh_every=cfg.get("refresh_every", 1),
         gram_params=[net.out.weight, net.out.bias] if gram == "params" else None,
+        gram_estimator=cfg.get("estimator", "batch"),
         process_group=group,
     )
     model: nn.Module = net
@@ -150,7 +160,7 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
                 ctx = nullcontext()
             with ctx:
                 h, pred = model(x, nan_grad=inject and cfg.get("nan_grad") == (step, micro))
-                losses = losses_of(pred, y)
+                losses = per_sample_losses_of(pred, y) if cfg.get("estimator") == "cross" else losses_of(pred, y)
                 if distributed and rank == 1 and cfg.get("reorder"):
                     losses = dict(reversed(losses.items()))
                 if inject and cfg.get("nan_loss") == (step, micro):

@@ -263,3 +263,27 @@ def test_diffusion_rl_help_and_variant_parsing(capsys):
     for bad in ("nojson", "x=[1]", "x={bad"):
         with pytest.raises(Exception, match="JSON|NAME=JSON"):
             bench.parse_variant(bad)
+
+
+def test_conflict_every_weighting_and_estimator(conflict_report):
+    text, _ = conflict_report
+    cq = _load("conflict_quality")
+    section = text[text.index("### (c)") :]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| :---") and not line.startswith("| weighting"):
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            rows[(cells[0], cells[1])] = cells[2:]
+    want = {(cq.config_label(n, o), e) for n, o in cq.WEIGHTING_CONFIGS for e in cq.ESTIMATORS}
+    assert set(rows) == want
+    k = 5
+    assert all(c.startswith("1 (") for c in rows[("mean", "batch")][:k])  # the reference itself
+    for cells in rows.values():
+        assert len(cells) == k + 3
+        assert all(-1.0 <= float(c) <= 1.0 for c in cells[k].split())
+
+    def negative(key):
+        return float(rows[key][k + 1].rstrip("%"))
+
+    # Seeded: MARBLE's update disagrees with some objective on an independent batch less often than the mean's.
+    assert negative(("marble", "batch")) < negative(("mean", "batch"))

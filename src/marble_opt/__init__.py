@@ -1,21 +1,51 @@
 """marble_opt: multi-objective training in PyTorch by min-norm gradient balancing (MARBLE).
 
 Swap ``torch.optim.AdamW(...)`` for ``MarbleOptimizer(torch.optim.AdamW(...))`` and call
-``opt.step({"task_a": loss_a, "task_b": loss_b})``: the update is the min-norm point of the
-convex hull of the normalised per-objective gradients, so it moves against none of them.
+``opt.step({"task_a": loss_a, "task_b": loss_b})``: the update combines the per-objective
+gradients with MARBLE's min-norm weights (or another weighting: ``weighting="upgrad"``, ...).
 """
 
+from ._src.estimators import GRAM_ESTIMATORS
 from ._src.optimizer import MarbleOptimizer
 from ._src.qp import MinNormSolver, min_norm_weights
 from ._src.report import BalanceReport
 from ._src.sources import GRAM_SOURCES, GramSource
+from ._src.weightings import (
+    WEIGHTINGS,
+    AlignedMTLWeighting,
+    CAGradWeighting,
+    CallableWeighting,
+    IMTLGWeighting,
+    MarbleWeighting,
+    MeanWeighting,
+    MGDAWeighting,
+    UPGradWeighting,
+    Weighting,
+    WeightingResult,
+    WeightingState,
+    loss_weights,
+)
 
 __all__ = [
+    "GRAM_ESTIMATORS",
     "GRAM_SOURCES",
+    "WEIGHTINGS",
+    "AlignedMTLWeighting",
     "BalanceReport",
+    "CAGradWeighting",
+    "CallableWeighting",
     "GramSource",
+    "IMTLGWeighting",
+    "MGDAWeighting",
     "MarbleOptimizer",
+    "MarbleWeighting",
+    "MeanWeighting",
     "MinNormSolver",
+    "UPGradWeighting",
+    "Weighting",
+    "WeightingResult",
+    "WeightingState",
+    "loss_weights",
     "min_norm_weights",
 ]
 __version__ = "0.1.0"

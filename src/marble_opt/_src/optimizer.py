@@ -3,38 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from .balance import MIN_GRAD_NORM, NORMALIZATIONS, combine_weights, cosine_matrix, objective_scales, update_cosines
+from .balance import MIN_GRAD_NORM, cosine_matrix, update_cosines
 from .distributed import Collective
-from .qp import MinNormSolver
+from .estimators import GRAM_ESTIMATORS, CrossGram, split_halves
 from .report import BalanceReport
-from .smoothing import WeightEMA
-from .sources import GramSource, combined_backward, make_source
+from .sources import GramSource, all_finite, combined_backward, make_source
+from .weightings import MarbleWeighting, Weighting, WeightingResult, WeightingState, make_weighting
+from .weightings.marble import check_ema_decay
 
 __all__ = ["MarbleOptimizer"]
 
 _NONFINITE_POLICIES = ("skip", "raise", "exclude", "propagate")
 
 
-def _check_ema_decay(value: Any) -> float:
-    """ρ as a float in [0, 1), or ``ValueError`` quoting the bad value.
-
-    Any real number is accepted (Python or numpy scalars, e.g. a schedule computed with
-    numpy); bools and NaN are not."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-        raise ValueError(f"ema_decay must be a float in [0, 1), got {value!r}")
-    return float(value)
+_check_ema_decay = check_ema_decay
+#: MARBLE's own options, accepted as keywords of ``MarbleOptimizer`` for the default weighting.
+_MARBLE_OPTIONS = ("ema_decay", "normalize", "rescale", "solver")
 
 
 #: What a skipped backward saw of ``p.grad``: per parameter, None or (weak reference, version).
@@ -59,21 +54,29 @@ def _same_grads(params: Sequence[Tensor], mark: _GradMark) -> bool:
 
 
 class _Pending:
-    """What the micro-batches since the last optimizer step solved, committed by ``step``."""
+    """What the micro-batches since the last optimizer step solved, committed by ``step``:
+    the weighting's answers and (``gram_estimator="cross"``) the raw cross estimates."""
 
     def __init__(self) -> None:
-        self.raw_sum: np.ndarray | None = None
-        self.count = 0
-        self.last_raw: np.ndarray | None = None
-        self.scales: np.ndarray | None = None
-        self.norms: np.ndarray | None = None
-        self.valid: np.ndarray | None = None
+        self.results: list[WeightingResult] = []
+        self.crosses: list[np.ndarray] = []
         self.skip = False
 
-    def add(self, raw: np.ndarray, scales: np.ndarray, norms: np.ndarray, valid: np.ndarray) -> None:
-        self.raw_sum = raw.copy() if self.raw_sum is None else self.raw_sum + raw
-        self.count += 1
-        self.last_raw, self.scales, self.norms, self.valid = raw, scales, norms, valid
+    @property
+    def count(self) -> int:
+        return len(self.results)
+
+
+class _Measured:
+    """One solve's measurement: the matrix for the weighting and what the report shows."""
+
+    def __init__(self, gram: np.ndarray, raw: np.ndarray, apply_losses: list[Tensor], expand: Callable) -> None:
+        self.gram = gram  # handed to the weighting (K×K)
+        self.raw = raw  # report.gram (K×K)
+        self.apply_losses = apply_losses  # what source.apply combines
+        self.expand = expand  # w (K,) -> the coefficients of apply_losses
+        self.consistency: np.ndarray | None = None  # cos(g_k^A, g_k^B) for "cross"
+        self.products: np.ndarray | None = None  # ‖g_k^A‖‖g_k^B‖ for "cross"
 
 
 class MarbleOptimizer(torch.optim.Optimizer):
@@ -90,9 +93,21 @@ class MarbleOptimizer(torch.optim.Optimizer):
     It is a ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and ``defaults`` are
     the wrapped optimizer's own objects.
 
+    The step reads: measure G (the Gram source ``gram`` and the estimator
+    ``gram_estimator``) → the weighting (G, loss values, validity → per-loss weights w) →
+    the source writes ``Σ_k w_k ∇L_k``. MARBLE (above) is the default weighting.
+
     Args:
         optimizer: an already built torch optimizer (AdamW, SGD, ...).
-        ema_decay: ρ in [0, 1). 0.7 is the paper's best value; 0 disables smoothing.
+        weighting: ``"marble"`` (default), ``"mgda"``, ``"mean"``, ``"upgrad"``,
+            ``"cagrad"``, ``"imtl-g"``, ``"aligned-mtl"`` (``marble_opt.WEIGHTINGS``), a
+            ``Weighting``, or any callable with TorchJD's Gramian-weighting signature
+            (``fn(G: Tensor K×K) -> Tensor (K,)``, e.g. ``torchjd.aggregation.UPGradWeighting()``).
+        weighting_options: options of a weighting given by name (``{"c": 0.4}`` for
+            CAGrad, ``{"anchor": 0.5, "preference": [...]}`` for MARBLE).
+        ema_decay: MARBLE's ρ in [0, 1) (default 0.7, the paper's best value; 0 disables
+            smoothing). This and ``normalize``, ``rescale``, ``solver`` are MARBLE's options
+            (``solver`` also MGDA's): refused with another weighting.
         normalize: ``"l2"`` (ĝ = g/‖g‖), ``"none"``, ``"loss"`` (ĝ = g/L), ``"loss+l2"``.
         rescale: scale the update to the mean raw gradient norm, ``d = m·Σ_k α_k ĝ_k`` with
             ``m = mean‖g_k‖ / mean‖ĝ_k‖`` (the authors' choice). With ``False`` the update
@@ -103,6 +118,11 @@ class MarbleOptimizer(torch.optim.Optimizer):
             per-objective gradients are measured (``marble_opt.GRAM_SOURCES``; the README's
             "Gram sources" table).
         gram_params: the parameters ``gram="params"`` measures G on.
+        gram_estimator: ``"batch"`` (default: G of the whole batch's gradients) or
+            ``"cross"``: losses are per-sample (B,) tensors, G is the cross product of two
+            disjoint halves' gradients, ``½(⟨g_k^A, g_l^B⟩ + ⟨g_l^A, g_k^B⟩)``, unbiased for
+            ``⟨E g_k, E g_l⟩`` (see ``marble_opt._src.estimators``); not with ``gram="shared"``.
+        estimator_options: for ``"cross"``: ``{"floor": 0.01, "ema": 0.0}``.
         refresh_every: solve the QP on every N-th optimizer step; in between, reuse the
             last loss weights with one ordinary backward.
         nonfinite: a non-finite loss or gradient ``"skip"``\ s the step (parameters,
@@ -128,12 +148,16 @@ class MarbleOptimizer(torch.optim.Optimizer):
         self,
         optimizer: torch.optim.Optimizer,
         *,
-        ema_decay: float = 0.7,
-        normalize: str = "l2",
-        rescale: bool = True,
-        solver: str = "osqp",
+        weighting: str | Weighting | Callable[[Tensor], Tensor] = "marble",
+        weighting_options: Mapping[str, Any] | None = None,
+        ema_decay: float | None = None,
+        normalize: str | None = None,
+        rescale: bool | None = None,
+        solver: str | None = None,
         gram: str = "exact",
         gram_params: Sequence[Tensor] | None = None,
+        gram_estimator: str = "batch",
+        estimator_options: Mapping[str, Any] | None = None,
         refresh_every: int = 1,
         nonfinite: str = "skip",
         process_group: Any = None,
@@ -142,15 +166,24 @@ class MarbleOptimizer(torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, MarbleOptimizer):
             raise TypeError("optimizer is already a MarbleOptimizer; wrap the base optimizer once")
-        ema_decay = _check_ema_decay(ema_decay)
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-        if not isinstance(rescale, bool):
-            raise TypeError(f"rescale must be a bool, got {rescale!r}")
+        self._weighting = self._build_weighting(
+            weighting, weighting_options, ema_decay=ema_decay, normalize=normalize, rescale=rescale, solver=solver
+        )
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
             raise ValueError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
         if nonfinite not in _NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
+        if gram_estimator not in GRAM_ESTIMATORS:
+            raise ValueError(f"gram_estimator must be one of {GRAM_ESTIMATORS}, got {gram_estimator!r}")
+        if gram_estimator == "cross" and gram == "shared":
+            raise ValueError(
+                "gram_estimator='cross' does not work with gram='shared': the two halves of the batch occupy "
+                "disjoint rows of the shared tensor, so every cross product ⟨g_k^A, g_l^B⟩ there is exactly zero; "
+                "use a parameter-space source (gram='exact', 'exact-lean' or 'params')"
+            )
+        if estimator_options is not None and gram_estimator != "cross":
+            raise ValueError(f"estimator_options apply to gram_estimator='cross', not {gram_estimator!r}")
+        self._cross = CrossGram(**dict(estimator_options or {})) if gram_estimator == "cross" else None
         if gram_params is not None:
             gram_params = self._check_gram_params(optimizer, gram_params)
         self.source: GramSource = make_source(gram, gram_params)
@@ -169,19 +202,36 @@ class MarbleOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
         self._patch_step_function()
 
-        self.normalize = normalize
-        self.rescale = rescale
         self.refresh_every = refresh_every
         self.nonfinite = nonfinite
         self._gram_name = gram
-        self._solver = MinNormSolver(solver)
-        self._ema = WeightEMA(ema_decay)
+        self._estimator_name = gram_estimator
         self._names: tuple[str, ...] | None = None
-        self._last_raw: np.ndarray | None = None
-        self._loss_weights: np.ndarray | None = None
+        self._wstate = WeightingState()  # the weighting's whole state between steps
         self._pending = _Pending()
         self._skip_mark: _GradMark | None = None
         self.num_steps = 0
+
+    @staticmethod
+    def _build_weighting(weighting: Any, options: Mapping[str, Any] | None, **marble: Any) -> Weighting:
+        """The weighting from a name, an instance or a callable; MARBLE's keyword options
+        (``ema_decay``, ``normalize``, ``rescale``, ``solver``) only where they apply."""
+        given = {k: v for k, v in marble.items() if v is not None}
+        options = dict(options or {})
+        if weighting == "marble":
+            clash = sorted(set(given) & set(options))
+            if clash:
+                raise ValueError(f"{clash} given both as keywords and in weighting_options; give each once")
+            return make_weighting("marble", {**given, **options})
+        if weighting == "mgda" and set(given) <= {"solver"}:
+            return make_weighting("mgda", {**given, **options})
+        if given:
+            name = weighting if isinstance(weighting, str) else type(weighting).__name__
+            raise ValueError(
+                f"{sorted(given)} are options of weighting='marble', not of weighting={name!r}; "
+                "pass that weighting's own options in weighting_options={...}"
+            )
+        return make_weighting(weighting, options)
 
     # ---- the wrapped optimizer's objects, shared (never copied) -------------------------
     @property
@@ -210,9 +260,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; we keep everything
-        # but the solver's OSQP workspaces, which are rebuilt on demand.
+        # (the weighting drops its solver's OSQP workspaces itself; they are rebuilt on demand).
         state = self.__dict__.copy()
-        state["_solver"] = self._solver.solver
         state["_skip_mark"] = None  # weak references: a restored skip is kept (it cannot be judged stale)
         # An LR scheduler replaces self.step by a wrapper bound to *this* object (unpicklable,
         # and a deepcopy would step the original); torch.optim.Optimizer never copies it.
@@ -221,19 +270,46 @@ class MarbleOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        state["_solver"] = MinNormSolver(state["_solver"])
         state.setdefault("_skip_mark", None)
         self.__dict__.update(state)
         self._patch_step_function()
 
     @property
+    def weighting(self) -> Weighting:
+        """The weighting (``MarbleWeighting`` by default; fixed at construction)."""
+        return self._weighting
+
+    @property
+    def gram_estimator(self) -> str:
+        """``"batch"`` or ``"cross"`` (fixed at construction)."""
+        return self._estimator_name
+
+    @property
     def ema_decay(self) -> float:
-        """ρ of the weights' EMA; settable (e.g. by a schedule), in [0, 1)."""
-        return self._ema.decay
+        """ρ of MARBLE's EMA of the weights; settable (e.g. by a schedule), in [0, 1). 0 for
+        weightings without smoothing."""
+        return float(getattr(self._weighting, "ema_decay", 0.0))
 
     @ema_decay.setter
     def ema_decay(self, value: float) -> None:
-        self._ema.decay = _check_ema_decay(value)
+        if not isinstance(self._weighting, MarbleWeighting):
+            raise ValueError(f"ema_decay is an option of weighting='marble', not of {self._weighting!r}")
+        self._weighting.ema_decay = _check_ema_decay(value)
+
+    @property
+    def normalize(self) -> str | None:
+        """MARBLE's scale normalisation (None for other weightings)."""
+        return getattr(self._weighting, "normalize", None)
+
+    @property
+    def rescale(self) -> bool | None:
+        """MARBLE's rescaling (None for other weightings)."""
+        return getattr(self._weighting, "rescale", None)
+
+    @property
+    def _loss_weights(self) -> np.ndarray | None:
+        """The per-loss weights cached for steps between solves (``refresh_every``)."""
+        return self._wstate.loss_weights
 
     @property
     def gram(self) -> str:
@@ -244,10 +320,14 @@ class MarbleOptimizer(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def __repr__(self) -> str:
+        w = self._weighting
+        head = ", ".join(f"{k}={v!r}" for k, v in w.options().items())
+        if not isinstance(w, MarbleWeighting):
+            head = f"weighting={w!r}"
+        est = f", gram_estimator={self._estimator_name!r}" if self._estimator_name != "batch" else ""
         return (
-            f"MarbleOptimizer(gram={self._gram_name!r}, normalize={self.normalize!r}, ema_decay={self.ema_decay}, "
-            f"solver={self._solver.solver!r}, refresh_every={self.refresh_every}, nonfinite={self.nonfinite!r},\n"
-            f"  {self.optimizer!r})"
+            f"MarbleOptimizer(gram={self._gram_name!r}{est}, {head}, refresh_every={self.refresh_every}, "
+            f"nonfinite={self.nonfinite!r},\n  {self.optimizer!r})"
         )
 
     # ---- public API --------------------------------------------------------------------
@@ -258,17 +338,17 @@ class MarbleOptimizer(torch.optim.Optimizer):
 
     @property
     def weights(self) -> dict[str, float]:
-        """The smoothed balancing weights α by objective (empty before the first step)."""
-        if self._ema.value is None or self._names is None:
+        """The committed balancing weights α by objective (MARBLE: smoothed; empty before the first step)."""
+        if self._wstate.alpha is None or self._names is None:
             return {}
-        return dict(zip(self._names, self._ema.value.tolist()))
+        return dict(zip(self._names, self._wstate.alpha.tolist()))
 
     def reset_weights(self) -> None:
         """Forget the objectives, the smoothed weights and the cached loss weights."""
         self._names = None
-        self._ema.reset()
-        self._last_raw = None
-        self._loss_weights = None
+        self._wstate = WeightingState()
+        if self._cross is not None:
+            self._cross.reset()
         self._pending = _Pending()
         self._skip_mark = None
 
@@ -285,14 +365,19 @@ class MarbleOptimizer(torch.optim.Optimizer):
         *,
         shared: Tensor | Sequence[Tensor] | None = None,
         extra: Tensor | None = None,
+        groups: Any = None,
     ) -> BalanceReport:
         """Accumulate the balanced gradient of ``losses`` into ``p.grad``.
 
         Args:
-            losses: ``{name: scalar loss}``, K ≥ 1, each with a path to a trainable parameter.
+            losses: ``{name: loss}``, K ≥ 1, each with a path to a trainable parameter: a
+                scalar, or with ``gram_estimator="cross"`` a (B,) tensor of per-sample losses
+                (the same B for every objective; the update uses their means).
             shared: for ``gram="shared"``: the tensor (or tensors) every loss is computed from.
             extra: an optional scalar loss added to the update unbalanced (a KL or weight
                 penalty): its gradient is added after balancing.
+            groups: with ``gram_estimator="cross"``: a group id per sample (B,), e.g. the
+                prompt; whole groups go to one half (default: even samples to half A, odd to B).
 
         Returns:
             A ``BalanceReport``. When it says ``skipped``, no gradient was written and the
@@ -305,7 +390,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
             this optimizer, or ``step()``, after such a skip.)
         """
         self._forget_stale_skip()
-        report = self._backward(losses, shared, extra)
+        report = self._backward(losses, shared, extra, groups)
         if self._pending.skip:
             self._skip_mark = _grad_mark(self._trainable_params())
         return report
@@ -322,8 +407,15 @@ class MarbleOptimizer(torch.optim.Optimizer):
         losses: Mapping[str, Tensor],
         shared: Tensor | Sequence[Tensor] | None,
         extra: Tensor | None,
+        groups: Any,
     ) -> BalanceReport:
-        names, tensors = self._check_losses(losses)
+        if self._cross is not None:
+            names, tensors, mask, per_sample = self._check_per_sample(losses, groups)
+        else:
+            if groups is not None:
+                raise ValueError("groups= is only used with gram_estimator='cross'")
+            names, tensors = self._check_losses(losses)
+            mask, per_sample = None, None
         shared_list = self._check_shared(shared)
         self.source.check_shared(shared_list)  # on cached steps too, so errors do not depend on the step
         if extra is not None:
@@ -338,18 +430,43 @@ class MarbleOptimizer(torch.optim.Optimizer):
         values, extra_value = values[: len(names)], (values[len(names)] if extra is not None else 0.0)
         bad_loss = ~np.isfinite(values)
         excluded_bad = np.zeros(len(names), dtype=bool)
+        reasons: list[str] = []
         if bad_loss.any():
             detail = ", ".join(f"{names[k]!r} = {values[k]}" for k in np.flatnonzero(bad_loss))
             if self.nonfinite != "exclude" or bad_loss.all():
                 return self._nonfinite(names, values, f"non-finite loss: {detail}")
             excluded_bad |= bad_loss
+            reasons.append(f"excluded (non-finite loss): {detail}")
         if not np.isfinite(extra_value):
             return self._nonfinite(names, values, f"non-finite extra loss: {extra_value}")
 
         solve = self._loss_weights is None or self.num_steps % self.refresh_every == 0 or self._pending.count > 0
         if not solve:
-            return self._apply_cached(names, values, tensors, params, extra)
-        return self._solve_and_apply(names, values, tensors, params, shared_list, extra, excluded_bad)
+            return self._apply_cached(names, values, tensors, params, extra, reasons)
+        cross = None if mask is None else (mask, per_sample)
+        return self._solve_and_apply(names, values, tensors, params, shared_list, extra, excluded_bad, reasons, cross)
+
+    @overload
+    def step(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared: Tensor | Sequence[Tensor] | None = ...,
+        extra: Tensor | None = ...,
+        groups: Any = ...,
+        closure: None = ...,
+    ) -> BalanceReport: ...
+
+    @overload
+    def step(
+        self,
+        losses: Callable[[], Any] | None = ...,
+        *,
+        shared: None = ...,
+        extra: None = ...,
+        groups: None = ...,
+        closure: Callable[[], Any] | None = ...,
+    ) -> Any: ...
 
     def step(  # type: ignore[override]
         self,
@@ -357,8 +474,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
         *,
         shared: Tensor | Sequence[Tensor] | None = None,
         extra: Tensor | None = None,
+        groups: Any = None,
         closure: Callable[[], Any] | None = None,
-    ) -> Any:
+    ) -> BalanceReport | Any:
         """With ``losses``: ``backward(losses, ...)`` then the wrapped step; returns the report.
 
         Without: the wrapped optimizer's step on the gradients already in ``p.grad`` (the
@@ -378,9 +496,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if losses is not None:
             if closure is not None:
                 raise ValueError("pass either losses or a closure to step(), not both")
-            report = self.backward(losses, shared=shared, extra=extra)
-        elif shared is not None or extra is not None:
-            raise ValueError("shared= and extra= need losses: step(losses, shared=..., extra=...)")
+            report = self.backward(losses, shared=shared, extra=extra, groups=groups)
+        elif shared is not None or extra is not None or groups is not None:
+            raise ValueError("shared=, extra= and groups= need losses: step(losses, shared=..., extra=...)")
         if self._pending.skip:
             self._pending = _Pending()
             self._skip_mark = None
@@ -417,7 +535,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict plus a ``"marble"`` entry (tensors and scalars).
+        """The wrapped optimizer's state dict plus a ``"marble"`` entry (tensors and scalars):
+        the objectives, the weighting's state (``ema``: α, ``last_raw``: the warm start,
+        ``loss_weights``: the cached w), the step count and the cross estimator's EMA of G.
 
         Hooks registered with ``register_state_dict_pre_hook`` / ``_post_hook`` run as on any
         torch optimizer (the post-hook sees, and may replace, the dict with its ``"marble"``
@@ -426,12 +546,19 @@ class MarbleOptimizer(torch.optim.Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = self.optimizer.state_dict()
+        st = self._wstate
+
+        def t(x: np.ndarray | None) -> Tensor | None:
+            return None if x is None else torch.from_numpy(np.array(x, dtype=np.float64, copy=True))
+
         sd["marble"] = {
             "names": list(self._names) if self._names is not None else None,
-            "ema": None if self._ema.value is None else self._ema.value.clone(),
-            "last_raw": None if self._last_raw is None else torch.from_numpy(self._last_raw.copy()),
-            "loss_weights": None if self._loss_weights is None else torch.from_numpy(self._loss_weights.copy()),
+            "ema": t(st.alpha),
+            "last_raw": t(st.warm),
+            "loss_weights": t(st.loss_weights),
             "num_steps": int(self.num_steps),
+            "weighting": self._weighting.name,
+            "gram_ema": t(self._cross.value) if self._cross is not None else None,
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
@@ -461,16 +588,26 @@ class MarbleOptimizer(torch.optim.Optimizer):
     def _load_marble(self, marble: dict[str, Any]) -> None:
         names = marble.get("names")
         self._names = tuple(names) if names is not None else None
-        ema = marble.get("ema")
-        self._ema.value = None if ema is None else torch.as_tensor(ema, dtype=torch.float64).clone()
-        for attr, key in (("_last_raw", "last_raw"), ("_loss_weights", "loss_weights")):
+
+        def arr(key: str) -> np.ndarray | None:
             value = marble.get(key)
-            setattr(self, attr, None if value is None else torch.as_tensor(value, dtype=torch.float64).numpy().copy())
+            return None if value is None else torch.as_tensor(value, dtype=torch.float64).numpy().copy()
+
+        self._wstate = WeightingState(alpha=arr("ema"), warm=arr("last_raw"), loss_weights=arr("loss_weights"))
+        if self._cross is not None:
+            self._cross.value = arr("gram_ema")
         self.num_steps = int(marble.get("num_steps", 0))
 
     # ---- internals -------------------------------------------------------------------------
     def _trainable_params(self) -> list[Tensor]:
-        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        # Deduplicated by identity: a parameter listed twice gets its gradient once, from every source.
+        seen: set[int] = set()
+        params = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
         if not params:
             raise ValueError("the wrapped optimizer has no parameter that requires grad")
         return params
@@ -562,28 +699,116 @@ class MarbleOptimizer(torch.optim.Optimizer):
                     p.grad.fill_(float("nan"))
         return self._report(names, values, skipped=True, status="skipped", reason=reason)
 
-    def _apply_cached(self, names, values, tensors, params, extra) -> BalanceReport:
-        w = self._loss_weights
-        assert w is not None
-        alpha = self._ema.value.numpy() if self._ema.value is not None else np.zeros(len(names))
-        usable = np.isfinite(values) | (w == 0.0)
-        excluded = tuple(names[k] for k in np.flatnonzero(~usable))
-        if excluded:  # nonfinite="exclude": renormalise α over the objectives that remain
-            kept = float(alpha[usable].sum())
-            if not kept > 0.0:
-                return self._nonfinite(names, values, f"no usable objective on a cached step (excluded {excluded})")
-            w = np.where(usable, w / kept, 0.0)
-            alpha = np.where(usable, alpha / kept, 0.0)
-        ok = combined_backward(tensors, w, params, extra, in_place=self._comm.active)
-        if not self._comm.all_true(ok, tensors[0].device):
-            return self._nonfinite(names, values, "non-finite gradient of the combined loss")
-        return self._report(names, values, weights=alpha, loss_weights=w, excluded=excluded, status="cached")
+    def _check_per_sample(
+        self, losses: Mapping[str, Tensor], groups: Any
+    ) -> tuple[tuple[str, ...], list[Tensor], np.ndarray, list[Tensor]]:
+        """Names, whole-batch mean losses, the half-A mask and the per-sample losses, for
+        ``gram_estimator="cross"``."""
+        if not isinstance(losses, Mapping):
+            raise TypeError(f"losses must be a dict {{name: per-sample losses}}, got {type(losses).__name__}")
+        scalars = {}
+        batch = None
+        for name, value in losses.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"loss {name!r} must be a torch.Tensor, got {type(value).__name__}: {value!r}")
+            if value.dim() != 1 or value.shape[0] < 2:
+                raise ValueError(
+                    f"gram_estimator='cross' needs per-sample losses: loss {name!r} must be a (B,) tensor "
+                    f"with B >= 2, got shape {tuple(value.shape)}"
+                )
+            if batch is None:
+                batch = value.shape[0]
+            elif value.shape[0] != batch:
+                raise ValueError(
+                    f"loss {name!r} has {value.shape[0]} per-sample values, but the first loss has {batch}: "
+                    "every objective needs one loss per sample of the same batch"
+                )
+            scalars[name] = value
+        names, _ = self._check_losses({n: v.mean() for n, v in scalars.items()}) if scalars else ((), [])
+        assert batch is not None
+        mask = split_halves(batch, groups)
+        if mask.all() or not mask.any():
+            raise ValueError(f"groups put every sample in one half ({batch} samples): pass at least two groups")
+        per_sample = [scalars[n] for n in names]
+        return names, [v.mean() for v in per_sample], mask, per_sample
 
-    def _solve_and_apply(self, names, values, tensors, params, shared, extra, excluded_bad) -> BalanceReport:
+    def _measure(self, names, tensors, params, shared, keep_graph: bool, cross) -> _Measured:
+        """G for the weighting, report.gram, and how to apply w: the batch or the cross estimate."""
+        if cross is None:
+            gram = self.source.gram(tensors, names, params, shared, keep_graph=keep_graph)
+            return _Measured(gram, gram, tensors, lambda w: w)
+        mask, per_sample = cross
+        halves, frac_a, frac_b = CrossGram.half_losses(per_sample, mask)
+        half_names = [f"{n}[A]" for n in names] + [f"{n}[B]" for n in names]
+        g2 = self.source.gram(halves, half_names, params, None, keep_graph=keep_graph)
+        k = len(names)
+        g2 = 0.5 * (g2 + g2.T)
+        # A non-finite half gradient poisons its objective: fold the 2K rows onto K.
+        finite = np.isfinite(np.diag(g2))
+        ok = finite[:k] & finite[k:]
+        cross, consistency, products = CrossGram.split_gram(np.where(np.isfinite(g2), g2, 0.0))
+        cross = np.where(np.outer(ok, ok), cross, np.nan)
+        m = _Measured(cross, cross, halves, lambda w: np.concatenate([w * frac_a, w * frac_b]))
+        m.consistency = consistency
+        m.products = products
+        return m
+
+    def _apply_cached(self, names, values, tensors, params, extra, reasons) -> BalanceReport:
+        w = self._wstate.loss_weights
+        assert w is not None
+        alpha = self._wstate.alpha if self._wstate.alpha is not None else np.zeros(len(names))
+        usable = np.isfinite(values) | (w == 0.0)
+        retain = self.nonfinite == "exclude" and not self._comm.active
+        while True:
+            excluded = tuple(names[k] for k in np.flatnonzero(~usable))
+            w_k, alpha_k = w, alpha
+            if excluded:  # nonfinite="exclude": renormalise α over the objectives that remain
+                kept = float(alpha[usable].sum())
+                if not kept > 0.0:
+                    return self._nonfinite(
+                        names,
+                        values,
+                        f"no usable objective on a cached step (excluded {excluded}); " + "; ".join(reasons),
+                    )
+                w_k = np.where(usable, w / kept, 0.0)
+                alpha_k = np.where(usable, alpha / kept, 0.0)
+            ok = combined_backward(tensors, w_k, params, extra, in_place=self._comm.active, retain_graph=retain)
+            if self._comm.all_true(ok, tensors[0].device):
+                break
+            bad = self._nonfinite_gradients(tensors, params, usable & (w != 0.0)) if retain else None
+            if bad is None or not bad.any():
+                return self._nonfinite(names, values, "non-finite gradient of the combined loss")
+            usable = usable & ~bad
+            detail = ", ".join(repr(names[k]) for k in np.flatnonzero(bad))
+            reasons.append(f"excluded (non-finite gradient, finite loss): {detail}")
+        return self._report(
+            names,
+            values,
+            weights=alpha_k,
+            loss_weights=w_k,
+            excluded=excluded,
+            status="cached",
+            reason="; ".join(reasons),
+        )
+
+    @staticmethod
+    def _nonfinite_gradients(tensors: Sequence[Tensor], params: Sequence[Tensor], among: np.ndarray) -> np.ndarray:
+        """Which objectives (among ``among``) have a non-finite gradient (one backward each;
+        only after a combined backward failed under ``nonfinite="exclude"``)."""
+        bad = np.zeros(len(tensors), dtype=bool)
+        for k in np.flatnonzero(among):
+            grads = torch.autograd.grad(tensors[k], list(params), retain_graph=True, allow_unused=True)
+            bad[k] = not all_finite([g for g in grads if g is not None])
+        return bad
+
+    def _solve_and_apply(
+        self, names, values, tensors, params, shared, extra, excluded_bad, reasons, cross=None
+    ) -> BalanceReport:
         keep_graph = extra is not None
-        gram = self.source.gram(tensors, names, params, shared, keep_graph=keep_graph)
-        # The QP's whole input, bit-identical on every rank (a no-op on one process).
-        gram, values = self._comm.same_everywhere(gram, values, device=tensors[0].device)
+        m = self._measure(names, tensors, params, shared, keep_graph, cross)
+        mask = None if cross is None else cross[0]
+        # The weighting's whole input, bit-identical on every rank (a no-op on one process).
+        gram, values = self._comm.same_everywhere(m.gram, values, device=tensors[0].device)
         diag = np.diag(gram)
         # A non-finite g_k makes its own ‖g_k‖² non-finite, and also every ⟨g_j, g_k⟩:
         # blame the diagonal, not the rows it poisons.
@@ -596,63 +821,72 @@ class MarbleOptimizer(torch.optim.Optimizer):
             if self.nonfinite != "exclude":
                 return self._nonfinite(names, values, f"non-finite gradient of {detail}")
             excluded_bad = excluded_bad | bad_grad
+            reasons.append(f"excluded (non-finite gradient): {detail}")
         usable = ~excluded_bad
         gram = np.where(np.outer(usable, usable), gram, 0.0)
+        raw_gram = gram if mask is None else np.where(np.outer(usable, usable), m.raw, 0.0)
+        if mask is not None:
+            assert self._cross is not None
+            assert m.products is not None
+            gram = self._cross.process(gram, np.where(usable, m.products, 0.0))
         norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
         valid = usable & (norms > MIN_GRAD_NORM)
         excluded = tuple(names[k] for k in np.flatnonzero(~valid))
+        zero = [names[k] for k in np.flatnonzero(usable & ~valid)]
+        if zero:
+            reasons.append(f"excluded (zero gradient): {', '.join(map(repr, zero))}")
         if not valid.any():
             self.source.release()
             self._pending.skip = True
             return self._report(
                 names,
                 values,
-                gram=gram,
+                gram=raw_gram,
+                used=gram,
                 norms=norms,
                 excluded=excluded,
                 skipped=True,
                 status="skipped",
                 reason="no objective has a finite, non-zero gradient",
+                consistency=m.consistency,
             )
-        scales = objective_scales(norms, values, valid, self.normalize, names)
-        raw = np.zeros(len(names))
-        scaled = gram[np.ix_(valid, valid)] * np.outer(scales[valid], scales[valid])
-        warm = None
-        if self._last_raw is not None and self._last_raw[valid].sum() > 0:
-            warm = self._last_raw[valid]
-        alpha_valid, status = self._solver.solve(scaled, warm, validated=True)
-        raw[valid] = alpha_valid
-        smoothed = self._ema.candidate(torch.from_numpy(raw)).numpy()
-        w = combine_weights(smoothed, scales, norms, valid, rescale=self.rescale)
-        if not self._comm.all_true(self.source.apply(w, tensors, params, extra), tensors[0].device):
+        try:
+            result = self._weighting.weigh(gram, values, valid, self._wstate, names)
+        except Exception:
+            self.source.release()
+            raise
+        if not self._comm.all_true(
+            self.source.apply(m.expand(result.w), m.apply_losses, params, extra), tensors[0].device
+        ):
             return self._nonfinite(names, values, "non-finite gradient of the combined loss")
-        self._pending.add(raw, scales, norms, valid)
-        applied = np.where(valid, smoothed, 0.0)
-        applied = applied / applied.sum()
+        self._pending.results.append(result)
+        if mask is not None:
+            self._pending.crosses.append(np.where(np.outer(usable, usable), m.raw, 0.0))
         return self._report(
             names,
             values,
-            weights=applied,
-            raw=raw,
-            loss_weights=w,
-            gram=gram,
+            weights=result.alpha,
+            raw=result.raw,
+            loss_weights=result.w,
+            gram=raw_gram,
+            used=gram,
             norms=norms,
             excluded=excluded,
-            status=status,
+            status=result.status,
+            reason="; ".join(reasons),
+            consistency=m.consistency,
         )
 
     def _commit(self) -> None:
-        """Advance the smoothed weights after a real step of the wrapped optimizer."""
+        """Advance the weighting's state (and the cross estimator's EMA) after a real step."""
         pending = self._pending
         self._pending = _Pending()
         self.num_steps += 1
         if pending.count == 0:
             return
-        assert pending.raw_sum is not None and pending.valid is not None
-        mean_raw = pending.raw_sum / pending.count
-        value = self._ema.commit(torch.from_numpy(mean_raw)).numpy()
-        self._last_raw = pending.last_raw
-        self._loss_weights = combine_weights(value, pending.scales, pending.norms, pending.valid, rescale=self.rescale)
+        self._wstate = self._weighting.commit(self._wstate, pending.results)
+        if self._cross is not None:
+            self._cross.commit(pending.crosses)
 
     def _report(
         self,
@@ -663,11 +897,13 @@ class MarbleOptimizer(torch.optim.Optimizer):
         raw: np.ndarray | None = None,
         loss_weights: np.ndarray | None = None,
         gram: np.ndarray | None = None,
+        used: np.ndarray | None = None,
         norms: np.ndarray | None = None,
         excluded: tuple[str, ...] = (),
         skipped: bool = False,
         status: str,
         reason: str = "",
+        consistency: np.ndarray | None = None,
     ) -> BalanceReport:
         if self._names is None:  # the first call that gets this far fixes the objectives
             self._names = names
@@ -676,12 +912,14 @@ class MarbleOptimizer(torch.optim.Optimizer):
             return {} if x is None else {n: float(v) for n, v in zip(names, x)}
 
         cosine = update_cos = mean_cos = None
-        if gram is not None and norms is not None:
-            cosine = cosine_matrix(gram, norms)
+        # Cosines from the matrix the weighting saw (for "cross": the processed estimate).
+        seen = used if used is not None else gram
+        if seen is not None and norms is not None:
+            cosine = cosine_matrix(seen, norms)
             if loss_weights is not None:
-                update_cos = update_cosines(gram, loss_weights, norms)
+                update_cos = update_cosines(seen, loss_weights, norms)
                 valid = norms > MIN_GRAD_NORM
-                mean_cos = update_cosines(gram, np.where(valid, 1.0 / max(int(valid.sum()), 1), 0.0), norms)
+                mean_cos = update_cosines(seen, np.where(valid, 1.0 / max(int(valid.sum()), 1), 0.0), norms)
                 # An excluded objective's gradient is zero or not finite (its row of G was
                 # zeroed): its cosine is undefined.
                 update_cos = np.where(valid, update_cos, np.nan)
@@ -702,4 +940,5 @@ class MarbleOptimizer(torch.optim.Optimizer):
             solved=raw is not None,
             solver_status=status,
             reason=reason,
+            self_consistency=named(consistency),
         )

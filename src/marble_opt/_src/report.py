@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +39,16 @@ class BalanceReport:
         solved: whether the QP was solved this step (False on cached-weight steps).
         solver_status: the path that produced ``raw_weights`` (``"osqp"``,
             ``"active-set"``, ``"closed-form"``, ...), ``"cached"`` or ``"skipped"``.
-        reason: why the step was skipped or objectives excluded, human readable.
+        reason: why the step was skipped or objectives excluded (which and why), human
+            readable; empty when every objective took part.
+        self_consistency: with ``gram_estimator="cross"``: ``cos(g_k^A, g_k^B)``, the cosine
+            of each objective's gradients on the two halves of the batch (near 0: that
+            objective's batch gradient is mostly noise). Empty otherwise.
+
+    With ``gram_estimator="cross"``, ``gram`` is the raw cross estimate
+    ``½(⟨g_k^A, g_l^B⟩ + ⟨g_l^A, g_k^B⟩)`` (before smoothing, PSD projection and the floor);
+    ``cosine``, ``grad_norms`` and the update cosines come from the processed matrix the
+    weighting saw.
     """
 
     names: tuple[str, ...]
@@ -55,6 +66,12 @@ class BalanceReport:
     solved: bool
     solver_status: str
     reason: str = ""
+    self_consistency: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON types: numpy arrays become nested lists, tuples lists,
+        and NaN or ±inf become None (``json.dumps(report.to_dict())`` works)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
     @property
     def worst_update_cosine(self) -> float:
@@ -65,3 +82,20 @@ class BalanceReport:
     def worst_mean_cosine(self) -> float:
         """The smallest cosine of the plain mean with an objective that took part (NaN when not measured)."""
         return min((c for c in self.mean_cosine.values() if c == c), default=float("nan"))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy arrays and scalars, tuples and non-finite floats made JSON-ready."""
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
