@@ -72,12 +72,16 @@ class _GramWorkspace:
     def __init__(self) -> None:
         self.block: Tensor | None = None
 
-    def gram(self, rows: Tensor, device: torch.device | None = None) -> np.ndarray:
-        """``rows @ rowsᵀ`` (K×K) accumulated in float64, over column blocks.
+    def gram(
+        self, rows: Tensor, device: torch.device | None = None, carry: Tensor | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``rows @ rowsᵀ`` (K×K) accumulated in float64, over column blocks, and ``carry``
+        read to the host in the same transfer (None if not given).
 
         ``device``: where to multiply (default: ``rows.device``); host rows are moved there
         one block at a time (``exact-lean`` keeps its rows in pinned host memory). float64
         rows already on ``device`` are multiplied in place, block by block, with no copy.
+        ``carry``: a 1-D float64 tensor (the optimizer's loss values) to bring along.
         """
         k, n = rows.shape
         device = rows.device if device is None else torch.device(device)
@@ -95,8 +99,16 @@ class _GramWorkspace:
                 block = self.block[:, : stop - start]
                 block.copy_(rows[:, start:stop], non_blocking=True)
             out.addmm_(block, block.T)
-        g = out.cpu().numpy()
-        return 0.5 * (g + g.T)
+        if carry is None:
+            g, carried = out.cpu().numpy(), None
+        else:  # one device-to-host transfer for both
+            c = carry.numel()
+            if carry.device != out.device or carry.dtype != torch.float64:
+                carry = carry.to(device=out.device, dtype=torch.float64)
+            host = torch.cat([carry.reshape(-1), out.reshape(-1)])
+            host = host.cpu().numpy()
+            g, carried = host[c:].reshape(k, k), host[:c]
+        return 0.5 * (g + g.T), carried
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
@@ -257,7 +269,7 @@ class GramSource(abc.ABC):
         """Drop any per-step buffers."""
 
     #: Attributes holding scratch buffers kept between steps: left out of pickles and copies.
-    _SCRATCH: ClassVar[tuple[str, ...]] = ("_buffer", "_storage", "_host", "_rows_buf", "_gram_ws")
+    _SCRATCH: ClassVar[tuple[str, ...]] = ("_buffer", "_storage", "_host", "_rows_buf", "_gram_ws", "carry")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -266,12 +278,20 @@ class GramSource(abc.ABC):
                 state[key] = None
         return state
 
+    #: Set by the optimizer around ``gram()``: a 1-D float64 device tensor (the loss values)
+    #: that ``_gram`` brings to the host with G in one transfer, as ``carried`` (numpy).
+    carry: Tensor | None = None
+
     def _gram(self, rows: Tensor, device: torch.device | None = None) -> np.ndarray:
-        """``rows @ rowsᵀ`` (K×K) in float64, with this source's conversion block kept between steps."""
+        """``rows @ rowsᵀ`` (K×K) in float64, with this source's conversion block kept between
+        steps; ``self.carry`` (if set) comes along in the same transfer, as ``self.carried``."""
         ws = self.__dict__.get("_gram_ws")
         if ws is None:
             ws = self._gram_ws = _GramWorkspace()
-        return ws.gram(rows, device)
+        g, carried = ws.gram(rows, device, self.carry)
+        if carried is not None:
+            self.carried = carried
+        return g
 
     def _rows(self, shape: tuple[int, int], like: Sequence[Tensor]) -> Tensor:
         """The K×n buffer (float32 or wider) for gradients w.r.t. ``like``, kept between
