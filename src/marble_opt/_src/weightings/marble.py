@@ -140,9 +140,12 @@ class MarbleWeighting(Weighting):
         w = combine_weights(smoothed, scales, norms, valid, rescale=self.rescale)
         alpha = np.where(valid, smoothed, 0.0)
         alpha = alpha / alpha.sum()
-        return WeightingResult(
-            raw=raw, alpha=alpha, w=w, valid=valid.copy(), status=status, extra={"scales": scales, "norms": norms}
-        )
+        # What commit() would recompute for a single micro-batch committed on this same state.
+        extra = {"scales": scales, "norms": norms, "smoothed": smoothed, "w": w, "basis": (state.alpha, self._basis())}
+        return WeightingResult(raw=raw, alpha=alpha, w=w, valid=valid.copy(), status=status, extra=extra)
+
+    def _basis(self) -> tuple[float, float, bool]:
+        return (self.ema_decay, self.anchor, self.rescale)
 
     def _weights(self, gram, losses, index, k):  # pragma: no cover - weigh is overridden
         raise NotImplementedError
@@ -152,6 +155,11 @@ class MarbleWeighting(Weighting):
         if not results:
             return state
         last = results[-1]
+        basis = last.extra.get("basis")
+        if len(results) == 1 and basis is not None and basis[0] is state.alpha and basis[1] == self._basis():
+            # One micro-batch on the state it was weighed on: the mean of one α* is α* itself,
+            # so the smoothed weights and w are those weigh() computed (same operations).
+            return WeightingState(alpha=last.extra["smoothed"], warm=last.raw.copy(), loss_weights=last.extra["w"])
         target = self._anchored(np.mean([r.raw for r in results], axis=0), last.valid)
         alpha = self._smoothed(target, state)
         w = combine_weights(alpha, last.extra["scales"], last.extra["norms"], last.valid, rescale=self.rescale)
