@@ -19,7 +19,17 @@ from .balance import MIN_GRAD_NORM, cosine_matrix, update_cosines
 from .distributed import Collective
 from .estimators import GRAM_ESTIMATORS, CrossGram, split_halves
 from .report import BalanceReport, _Deferred
-from .sources import GramSource, all_finite, combined_backward, make_source
+from .sources import (
+    GramSource,
+    _accumulate,
+    _require_dense,
+    _weighted_sum,
+    all_finite,
+    combined_backward,
+    entrywise_finite,
+    finite_sums,
+    make_source,
+)
 from .weightings import MarbleWeighting, Weighting, WeightingResult, WeightingState, make_weighting
 from .weightings.marble import check_ema_decay
 
@@ -432,6 +442,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
         solve = self._loss_weights is None or self.num_steps % self.refresh_every == 0 or self._pending.count > 0
         cross = None if mask is None else (mask, per_sample)
         measured = None
+        if not solve and self.nonfinite != "exclude" and not self._comm.active:
+            return self._apply_cached_one_read(names, local, tensors, params, extra)
         if solve and not self._comm.active:
             # One device-to-host transfer for the loss values and G together: the source reads
             # ``local`` with its Gram. A non-finite loss is then found after the Gram passes
@@ -681,7 +693,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
                 f"loss {name!r} = {float(value.detach())} does not require grad: it has no path to a "
                 "trainable parameter (was it computed under torch.no_grad() or from detached tensors?)"
             )
-        return value.reshape(())
+        return value if value.dim() == 0 else value.reshape(())  # no view node for a scalar
 
     def _check_losses(self, losses: Mapping[str, Tensor]) -> tuple[tuple[str, ...], list[Tensor]]:
         if not isinstance(losses, Mapping):
@@ -822,6 +834,60 @@ class MarbleOptimizer(torch.optim.Optimizer):
             status="cached",
             reason="; ".join(reasons),
         )
+
+    def _apply_cached_one_read(self, names, local, tensors, params, extra) -> BalanceReport:
+        """A cached step (one process, not ``"exclude"``) with one host read: the combined
+        gradient is computed first (apart from ``p.grad``, or into it when every ``p.grad``
+        is None and it is cleared again on failure), then the loss values and its
+        finiteness flag come to the host together. The outcome is ``_apply_cached``'s:
+        a non-finite loss or gradient skips with ``p.grad`` as it was."""
+        w = self._wstate.loss_weights
+        assert w is not None
+        alpha = self._wstate.alpha if self._wstate.alpha is not None else np.zeros(len(names))
+        total = _weighted_sum(tensors, w, extra)
+        into_grad = all(p.grad is None for p in params)
+        grads: Sequence[Tensor | None] = ()
+        if total is not None:
+            if into_grad:
+                torch.autograd.backward(total, inputs=list(params))
+                grads = [p.grad for p in params]
+            else:
+                grads = torch.autograd.grad(total, list(params), allow_unused=True)
+        present = [g for g in grads if g is not None]
+
+        def undo() -> None:
+            if into_grad:
+                for p in params:
+                    p.grad = None
+
+        try:
+            _require_dense(grads, "the combined loss")
+        except ValueError:
+            undo()
+            raise
+        if present:
+            flag = finite_sums(present).reshape(1).double()
+            if flag.device != local.device:
+                flag = flag.to(local.device)
+            host = torch.cat([local, flag]).cpu().numpy()  # the one read of this step
+            host, finite = host[:-1], bool(host[-1])
+        else:
+            host, finite = local.cpu().numpy(), True
+        values, extra_value = host[: len(names)], (host[len(names)] if extra is not None else 0.0)
+        bad_loss = ~np.isfinite(values)
+        if bad_loss.any():
+            undo()
+            detail = ", ".join(f"{names[k]!r} = {values[k]}" for k in np.flatnonzero(bad_loss))
+            return self._nonfinite(names, values, f"non-finite loss: {detail}")
+        if not np.isfinite(extra_value):
+            undo()
+            return self._nonfinite(names, values, f"non-finite extra loss: {extra_value}")
+        if not finite and not entrywise_finite(present):
+            undo()
+            return self._nonfinite(names, values, "non-finite gradient of the combined loss")
+        if not into_grad:
+            _accumulate(params, grads)
+        return self._report(names, values, weights=alpha, loss_weights=w, status="cached", reason="")
 
     @staticmethod
     def _nonfinite_gradients(tensors: Sequence[Tensor], params: Sequence[Tensor], among: np.ndarray) -> np.ndarray:

@@ -124,14 +124,25 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     """
     if not tensors:
         return True
+    return bool(finite_sums(tensors)) or entrywise_finite(tensors)
+
+
+def finite_sums(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor on the first tensor's device: whether every tensor's sum is
+    finite (True proves every entry finite; False may be an overflow: ``entrywise_finite``).
+    No host read: the caller reads it, possibly together with other values."""
     device = tensors[0].device
     sums = [t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum() for t in tensors]
     try:
         stacked = torch.stack(sums)
-    except RuntimeError:  # mixed dtypes or devices
+    except RuntimeError:  # mixed devices
         stacked = torch.stack([v.to(device, torch.complex128 if v.is_complex() else torch.float64) for v in sums])
-    if bool(stacked.isfinite().all()):
-        return True
+    return stacked.isfinite().all()
+
+
+def entrywise_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry is finite, checked entry by entry (after a non-finite sum)."""
+    device = tensors[0].device
     flags = [t.isfinite().all() for t in tensors]
     return bool(torch.stack([f.to(device) for f in flags]).all())
 
