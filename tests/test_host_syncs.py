@@ -3,9 +3,9 @@
 ``HostSyncCounter`` (benchmarks/step_overhead.py) counts every read of a device-computed
 tensor's values into Python (``item``, ``bool``, ``numpy``, ``cpu()``, ...): on a GPU each is
 a synchronisation that idles the device while Python runs. The counts asserted here are the
-upper bounds the Gram sources achieve today (see /work/notes/perf_plan.md for the
-optimizer-side changes that would bring a balancing step to one); the wrapped AdamW's own
-reads of its host-side step counters are not counted.
+ones the optimizer achieves: a balancing step reads the loss values and G in one transfer,
+then (unless ``exact`` proves its update finite from G) the finiteness of the combined
+gradient; the wrapped AdamW's own reads of its host-side step counters are not counted.
 
 Also here: the proof that lets ``exact`` skip its finiteness pass over the update.
 """
@@ -93,10 +93,11 @@ def _setup(gram: str, refresh_every: int = 1):
     return opt, step
 
 
-#: Host round trips of a balancing step today: the loss values, G, the finiteness of the
-#: combined gradient; ``exact`` proves its update finite from G when there is no extra loss.
-#: (exact-lean on a GPU also copies each of its K gradients to the host: not counted on CPU.)
-BALANCING = {"exact": (2, 3), "exact-lean": (3, 3), "shared": (3, 3), "params": (3, 3)}
+#: Host round trips of a balancing step: the loss values with G (one transfer), then the
+#: finiteness of the combined gradient; ``exact`` proves its update finite from G when there
+#: is no extra loss. (exact-lean on a GPU also copies each of its K gradients to the host:
+#: not counted on CPU.)
+BALANCING = {"exact": (1, 2), "exact-lean": (2, 2), "shared": (2, 2), "params": (2, 2)}
 
 
 @pytest.mark.parametrize("gram", sorted(BALANCING))
@@ -107,24 +108,49 @@ def test_round_trips_of_a_balancing_step(gram, with_extra):
     where = step(with_extra)
     bound = BALANCING[gram][with_extra]
     assert 1 <= len(where) <= bound, where  # at least the loss values are read
-    assert where[0] == "cpu"  # the K loss values in one transfer
+    assert where[0] == "cpu"  # the K loss values and G in one transfer
+    if len(where) == 2:
+        assert where[1] == "__bool__"  # the finiteness flag of the combined gradient
 
 
 @pytest.mark.parametrize("gram", sorted(BALANCING))
 def test_round_trips_of_a_cached_step(gram):
-    """Between refreshes: the loss values and the finiteness of the one backward."""
+    """Between refreshes: the loss values and the finiteness of the one backward, read together."""
     opt, step = _setup(gram, refresh_every=2)
     step(False)  # solve
     where = step(False)  # cached
     assert opt.num_steps == 2
-    assert 1 <= len(where) <= 2, where
+    assert where == ["cpu"], where
+
+
+def test_a_cached_step_with_a_nonfinite_loss_still_skips_untouched():
+    """The one read of a cached step comes after its backward: a NaN loss then skips with
+    every p.grad and parameter as before (and the optimizer state untouched)."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(4, 4)
+    heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
+    params = [*trunk.parameters(), *heads.parameters()]
+    opt = MarbleOptimizer(torch.optim.AdamW(params), refresh_every=2)
+    for t in range(2):
+        z = trunk(torch.randn(3, 4))
+        losses = {f"l{k}": h(z).pow(2).mean() for k, h in enumerate(heads)}
+        if t == 1:
+            losses["l1"] = losses["l1"] * float("nan")
+            before = [p.detach().clone() for p in params]
+            state = {k: v["exp_avg"].clone() for k, v in enumerate(opt.state.values())}
+        opt.zero_grad()
+        report = opt.step(losses)
+    assert report.skipped and report.solver_status == "skipped" and "non-finite loss" in report.reason
+    assert all(p.grad is None for p in params)
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert all(torch.equal(state[k], v["exp_avg"]) for k, v in enumerate(opt.state.values()))
 
 
 def test_exact_without_extra_reads_the_update_never():
     """exact's G proves its update finite: no pass over it, no round trip for it."""
     _, step = _setup("exact")
     step(False)
-    assert step(False) == ["cpu", "cpu"]  # the loss values, G
+    assert step(False) == ["cpu"]  # the loss values with G: one transfer per balancing step
 
 
 # ---- the proof ------------------------------------------------------------------------------

@@ -226,6 +226,45 @@ def test_report_gram_norms_and_cosines_match_autograd() -> None:
     assert report.solved and not report.skipped and report.excluded == ()
 
 
+def test_report_derived_fields_are_computed_on_access_from_the_steps_own_matrices() -> None:
+    """cosine, grad_norms, update_cosine and mean_cosine are filled when first read: the same
+    values whenever they are read (after later steps too), frozen, in ``to_dict()`` and kept
+    by ``dataclasses.replace``."""
+    import dataclasses
+    import json
+
+    from marble_opt._src.balance import cosine_matrix, update_cosines
+
+    model = make_model(3)
+    opt = MarbleOptimizer(torch.optim.SGD(params_of(model), lr=0.1), ema_decay=0.0)
+    reports = []
+    for _ in range(3):
+        opt.zero_grad()
+        reports.append(opt.step(objectives(model)))
+    first = reports[0]  # read only now, two steps later
+    norms = np.sqrt(np.diag(first.gram))
+    w = np.array([first.loss_weights[n] for n in first.names])
+    np.testing.assert_array_equal(first.cosine, cosine_matrix(first.gram, norms))
+    assert first.grad_norms == dict(zip(first.names, norms.tolist()))
+    assert first.update_cosine == dict(zip(first.names, update_cosines(first.gram, w, norms).tolist()))
+    assert first.cosine is first.cosine  # computed once
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.cosine = None  # type: ignore[misc]
+    later = reports[2]
+    copy_ = dataclasses.replace(later, reason="x")
+    np.testing.assert_array_equal(copy_.cosine, later.cosine)
+    assert copy_.mean_cosine == later.mean_cosine and copy_.reason == "x"
+    d = json.loads(json.dumps(later.to_dict()))
+    assert d["cosine"] == later.cosine.tolist() and d["update_cosine"] == later.update_cosine
+    assert [f.name for f in dataclasses.fields(BalanceReport)][5:10] == [
+        "gram",
+        "cosine",
+        "grad_norms",
+        "update_cosine",
+        "mean_cosine",
+    ]
+
+
 def test_update_cosine_is_equal_and_positive_for_active_objectives() -> None:
     model = make_model(3)
     params = params_of(model)

@@ -53,6 +53,10 @@ def _dist() -> Any:
     return dist
 
 
+#: Whether this torch build has torch.distributed (checked once, not at every call).
+_DIST_AVAILABLE = bool(_dist().is_available())
+
+
 class Collective:
     """The ranks a MarbleOptimizer agrees with (see module docstring).
 
@@ -92,10 +96,10 @@ class Collective:
     # ---- who ------------------------------------------------------------------------------
     def _group(self) -> Any:
         """The group to talk to, or None when there is nobody to talk to."""
-        if self.process_group is False:
+        if self.process_group is False or not _DIST_AVAILABLE:
             return None
         dist = _dist()
-        if not (dist.is_available() and dist.is_initialized()):
+        if not dist.is_initialized():  # one process: nothing more is touched
             return None
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None

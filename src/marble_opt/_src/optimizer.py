@@ -6,6 +6,7 @@ import dataclasses
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from itertools import chain
 from typing import Any, overload
 
@@ -17,8 +18,18 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from .balance import MIN_GRAD_NORM, cosine_matrix, update_cosines
 from .distributed import Collective
 from .estimators import GRAM_ESTIMATORS, CrossGram, split_halves
-from .report import BalanceReport
-from .sources import GramSource, all_finite, combined_backward, make_source
+from .report import BalanceReport, _Deferred
+from .sources import (
+    GramSource,
+    _accumulate,
+    _require_dense,
+    _weighted_sum,
+    all_finite,
+    combined_backward,
+    entrywise_finite,
+    finite_sums,
+    make_source,
+)
 from .weightings import MarbleWeighting, Weighting, WeightingResult, WeightingState, make_weighting
 from .weightings.marble import check_ema_decay
 
@@ -424,9 +435,24 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if gram_params is not None:  # frozen since construction?
             self._check_gram_params(self.optimizer, gram_params)
         params = self._trainable_params()
-        local = [t.detach().double() for t in tensors] + ([extra.detach().double()] if extra is not None else [])
+        # The K loss values (and extra's) in one float64 tensor: one conversion, one transfer
+        # (float32/16 -> float64 is exact, so the values are those of a per-loss .double()).
+        local = torch.stack([t.detach() for t in tensors] + ([extra.detach()] if extra is not None else []))
+        local = local.to(torch.float64)
+        solve = self._loss_weights is None or self.num_steps % self.refresh_every == 0 or self._pending.count > 0
+        cross = None if mask is None else (mask, per_sample)
+        measured = None
+        if not solve and self.nonfinite != "exclude" and not self._comm.active:
+            return self._apply_cached_one_read(names, local, tensors, params, extra)
+        if solve and not self._comm.active:
+            # One device-to-host transfer for the loss values and G together: the source reads
+            # ``local`` with its Gram. A non-finite loss is then found after the Gram passes
+            # (their cost is wasted on such a step; the outcome is the same: nothing written).
+            measured, host = self._measure_with(local, names, tensors, params, shared_list, extra is not None, cross)
+        else:
+            host = local.cpu().numpy()
         # Under torch.distributed: the mean over ranks, non-finite on every rank if on any.
-        values = self._comm.mean_losses(torch.stack(local).cpu().numpy(), tensors[0].device)
+        values = self._comm.mean_losses(host, tensors[0].device)
         values, extra_value = values[: len(names)], (values[len(names)] if extra is not None else 0.0)
         bad_loss = ~np.isfinite(values)
         excluded_bad = np.zeros(len(names), dtype=bool)
@@ -440,11 +466,26 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if not np.isfinite(extra_value):
             return self._nonfinite(names, values, f"non-finite extra loss: {extra_value}")
 
-        solve = self._loss_weights is None or self.num_steps % self.refresh_every == 0 or self._pending.count > 0
         if not solve:
             return self._apply_cached(names, values, tensors, params, extra, reasons)
-        cross = None if mask is None else (mask, per_sample)
-        return self._solve_and_apply(names, values, tensors, params, shared_list, extra, excluded_bad, reasons, cross)
+        return self._solve_and_apply(
+            names, values, tensors, params, shared_list, extra, excluded_bad, reasons, cross, measured
+        )
+
+    def _measure_with(self, local, names, tensors, params, shared, keep_graph, cross) -> tuple[_Measured, np.ndarray]:
+        """``_measure`` with the source carrying ``local`` (the loss values, on the device)
+        to the host together with G; a source that cannot carry it leaves it to one read here."""
+        source = self.source
+        source.carry = local
+        try:
+            m = self._measure(names, tensors, params, shared, keep_graph, cross)
+        except BaseException:
+            source.release()
+            raise
+        finally:
+            source.carry = None
+            carried = source.__dict__.pop("carried", None)
+        return m, (local.cpu().numpy() if carried is None else carried)
 
     @overload
     def step(
@@ -517,7 +558,10 @@ class MarbleOptimizer(torch.optim.Optimizer):
         """The wrapped optimizer's step between this optimizer's step hooks, then the commit."""
         args: tuple[Any, ...] = (self,)
         kwargs: dict[str, Any] = {} if closure is None else {"closure": closure}
-        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+        # The profiler's label for this step (as torch.optim.Optimizer gives one), only while
+        # a profiler records: entering a record_function costs ~30 µs per step otherwise.
+        label = f"Optimizer.step#{type(self).__name__}.step"
+        with torch.autograd.profiler.record_function(label) if torch.autograd._profiler_enabled() else nullcontext():
             for hook in chain(_global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
                 result = hook(self, args, kwargs)
                 if result is not None:
@@ -649,7 +693,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
                 f"loss {name!r} = {float(value.detach())} does not require grad: it has no path to a "
                 "trainable parameter (was it computed under torch.no_grad() or from detached tensors?)"
             )
-        return value.reshape(())
+        return value if value.dim() == 0 else value.reshape(())  # no view node for a scalar
 
     def _check_losses(self, losses: Mapping[str, Tensor]) -> tuple[tuple[str, ...], list[Tensor]]:
         if not isinstance(losses, Mapping):
@@ -791,6 +835,60 @@ class MarbleOptimizer(torch.optim.Optimizer):
             reason="; ".join(reasons),
         )
 
+    def _apply_cached_one_read(self, names, local, tensors, params, extra) -> BalanceReport:
+        """A cached step (one process, not ``"exclude"``) with one host read: the combined
+        gradient is computed first (apart from ``p.grad``, or into it when every ``p.grad``
+        is None and it is cleared again on failure), then the loss values and its
+        finiteness flag come to the host together. The outcome is ``_apply_cached``'s:
+        a non-finite loss or gradient skips with ``p.grad`` as it was."""
+        w = self._wstate.loss_weights
+        assert w is not None
+        alpha = self._wstate.alpha if self._wstate.alpha is not None else np.zeros(len(names))
+        total = _weighted_sum(tensors, w, extra)
+        into_grad = all(p.grad is None for p in params)
+        grads: Sequence[Tensor | None] = ()
+        if total is not None:
+            if into_grad:
+                torch.autograd.backward(total, inputs=list(params))
+                grads = [p.grad for p in params]
+            else:
+                grads = torch.autograd.grad(total, list(params), allow_unused=True)
+        present = [g for g in grads if g is not None]
+
+        def undo() -> None:
+            if into_grad:
+                for p in params:
+                    p.grad = None
+
+        try:
+            _require_dense(grads, "the combined loss")
+        except ValueError:
+            undo()
+            raise
+        if present:
+            flag = finite_sums(present).reshape(1).double()
+            if flag.device != local.device:
+                flag = flag.to(local.device)
+            host = torch.cat([local, flag]).cpu().numpy()  # the one read of this step
+            host, finite = host[:-1], bool(host[-1])
+        else:
+            host, finite = local.cpu().numpy(), True
+        values, extra_value = host[: len(names)], (host[len(names)] if extra is not None else 0.0)
+        bad_loss = ~np.isfinite(values)
+        if bad_loss.any():
+            undo()
+            detail = ", ".join(f"{names[k]!r} = {values[k]}" for k in np.flatnonzero(bad_loss))
+            return self._nonfinite(names, values, f"non-finite loss: {detail}")
+        if not np.isfinite(extra_value):
+            undo()
+            return self._nonfinite(names, values, f"non-finite extra loss: {extra_value}")
+        if not finite and not entrywise_finite(present):
+            undo()
+            return self._nonfinite(names, values, "non-finite gradient of the combined loss")
+        if not into_grad:
+            _accumulate(params, grads)
+        return self._report(names, values, weights=alpha, loss_weights=w, status="cached", reason="")
+
     @staticmethod
     def _nonfinite_gradients(tensors: Sequence[Tensor], params: Sequence[Tensor], among: np.ndarray) -> np.ndarray:
         """Which objectives (among ``among``) have a non-finite gradient (one backward each;
@@ -802,39 +900,47 @@ class MarbleOptimizer(torch.optim.Optimizer):
         return bad
 
     def _solve_and_apply(
-        self, names, values, tensors, params, shared, extra, excluded_bad, reasons, cross=None
+        self, names, values, tensors, params, shared, extra, excluded_bad, reasons, cross=None, measured=None
     ) -> BalanceReport:
         keep_graph = extra is not None
-        m = self._measure(names, tensors, params, shared, keep_graph, cross)
+        m = self._measure(names, tensors, params, shared, keep_graph, cross) if measured is None else measured
         mask = None if cross is None else cross[0]
         # The weighting's whole input, bit-identical on every rank (a no-op on one process).
         gram, values = self._comm.same_everywhere(m.gram, values, device=tensors[0].device)
-        diag = np.diag(gram)
-        # A non-finite g_k makes its own ‖g_k‖² non-finite, and also every ⟨g_j, g_k⟩:
-        # blame the diagonal, not the rows it poisons.
-        bad_grad = ~np.isfinite(diag)
-        if not bad_grad.any():
-            bad_grad = ~np.isfinite(gram).all(axis=1)
-        bad_grad &= ~excluded_bad
-        if bad_grad.any():
-            detail = ", ".join(repr(names[k]) for k in np.flatnonzero(bad_grad))
-            if self.nonfinite != "exclude":
-                return self._nonfinite(names, values, f"non-finite gradient of {detail}")
-            excluded_bad = excluded_bad | bad_grad
-            reasons.append(f"excluded (non-finite gradient): {detail}")
+        all_finite_gram = bool(np.isfinite(gram).all())
+        if not all_finite_gram:
+            # A non-finite g_k makes its own ‖g_k‖² non-finite, and also every ⟨g_j, g_k⟩:
+            # blame the diagonal, not the rows it poisons.
+            bad_grad = ~np.isfinite(np.diag(gram))
+            if not bad_grad.any():
+                bad_grad = ~np.isfinite(gram).all(axis=1)
+            bad_grad &= ~excluded_bad
+            if bad_grad.any():
+                detail = ", ".join(repr(names[k]) for k in np.flatnonzero(bad_grad))
+                if self.nonfinite != "exclude":
+                    return self._nonfinite(names, values, f"non-finite gradient of {detail}")
+                excluded_bad = excluded_bad | bad_grad
+                reasons.append(f"excluded (non-finite gradient): {detail}")
         usable = ~excluded_bad
-        gram = np.where(np.outer(usable, usable), gram, 0.0)
-        raw_gram = gram if mask is None else np.where(np.outer(usable, usable), m.raw, 0.0)
+        if all_finite_gram and not excluded_bad.any():
+            gram = gram.copy()  # every objective usable: nothing to mask (np.where would copy too)
+            raw_gram = gram if mask is None else m.raw.copy()
+        else:
+            gram = np.where(np.outer(usable, usable), gram, 0.0)
+            raw_gram = gram if mask is None else np.where(np.outer(usable, usable), m.raw, 0.0)
         if mask is not None:
             assert self._cross is not None
             assert m.products is not None
             gram = self._cross.process(gram, np.where(usable, m.products, 0.0))
         norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
         valid = usable & (norms > MIN_GRAD_NORM)
-        excluded = tuple(names[k] for k in np.flatnonzero(~valid))
-        zero = [names[k] for k in np.flatnonzero(usable & ~valid)]
-        if zero:
-            reasons.append(f"excluded (zero gradient): {', '.join(map(repr, zero))}")
+        if valid.all():
+            excluded: tuple[str, ...] = ()
+        else:
+            excluded = tuple(names[k] for k in np.flatnonzero(~valid))
+            zero = [names[k] for k in np.flatnonzero(usable & ~valid)]
+            if zero:
+                reasons.append(f"excluded (zero gradient): {', '.join(map(repr, zero))}")
         if not valid.any():
             self.source.release()
             self._pending.skip = True
@@ -909,13 +1015,20 @@ class MarbleOptimizer(torch.optim.Optimizer):
             self._names = names
 
         def named(x: np.ndarray | None) -> dict[str, float]:
-            return {} if x is None else {n: float(v) for n, v in zip(names, x)}
+            return {} if x is None else dict(zip(names, np.asarray(x, dtype=np.float64).tolist()))
 
-        cosine = update_cos = mean_cos = None
-        # Cosines from the matrix the weighting saw (for "cross": the processed estimate).
+        # Cosines from the matrix the weighting saw (for "cross": the processed estimate),
+        # computed when first read (``_Deferred``): a training loop rarely reads them.
         seen = used if used is not None else gram
-        if seen is not None and norms is not None:
-            cosine = cosine_matrix(seen, norms)
+        measured = seen is not None and norms is not None
+
+        memo: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
+
+        def cosines() -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+            if memo:
+                return memo[0]
+            assert seen is not None and norms is not None
+            update_cos = mean_cos = None
             if loss_weights is not None:
                 update_cos = update_cosines(seen, loss_weights, norms)
                 valid = norms > MIN_GRAD_NORM
@@ -924,6 +1037,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
                 # zeroed): its cosine is undefined.
                 update_cos = np.where(valid, update_cos, np.nan)
                 mean_cos = np.where(valid, mean_cos, np.nan)
+            memo.append((cosine_matrix(seen, norms), update_cos, mean_cos))
+            return memo[0]
+
         return BalanceReport(
             names=names,
             weights=named(weights),
@@ -931,10 +1047,10 @@ class MarbleOptimizer(torch.optim.Optimizer):
             loss_weights=named(loss_weights),
             losses=named(values),
             gram=gram,
-            cosine=cosine,
-            grad_norms=named(norms),
-            update_cosine=named(update_cos),
-            mean_cosine=named(mean_cos),
+            cosine=_Deferred(lambda: cosines()[0]) if measured else None,
+            grad_norms=_Deferred(lambda: named(norms)),
+            update_cosine=_Deferred(lambda: named(cosines()[1])) if measured else {},
+            mean_cosine=_Deferred(lambda: named(cosines()[2])) if measured else {},
             excluded=excluded,
             skipped=skipped,
             solved=raw is not None,

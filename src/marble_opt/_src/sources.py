@@ -72,12 +72,16 @@ class _GramWorkspace:
     def __init__(self) -> None:
         self.block: Tensor | None = None
 
-    def gram(self, rows: Tensor, device: torch.device | None = None) -> np.ndarray:
-        """``rows @ rowsᵀ`` (K×K) accumulated in float64, over column blocks.
+    def gram(
+        self, rows: Tensor, device: torch.device | None = None, carry: Tensor | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``rows @ rowsᵀ`` (K×K) accumulated in float64, over column blocks, and ``carry``
+        read to the host in the same transfer (None if not given).
 
         ``device``: where to multiply (default: ``rows.device``); host rows are moved there
         one block at a time (``exact-lean`` keeps its rows in pinned host memory). float64
         rows already on ``device`` are multiplied in place, block by block, with no copy.
+        ``carry``: a 1-D float64 tensor (the optimizer's loss values) to bring along.
         """
         k, n = rows.shape
         device = rows.device if device is None else torch.device(device)
@@ -95,29 +99,50 @@ class _GramWorkspace:
                 block = self.block[:, : stop - start]
                 block.copy_(rows[:, start:stop], non_blocking=True)
             out.addmm_(block, block.T)
-        g = out.cpu().numpy()
-        return 0.5 * (g + g.T)
+        if carry is None:
+            g, carried = out.cpu().numpy(), None
+        else:  # one device-to-host transfer for both
+            c = carry.numel()
+            if carry.device != out.device or carry.dtype != torch.float64:
+                carry = carry.to(device=out.device, dtype=torch.float64)
+            host = torch.cat([carry.reshape(-1), out.reshape(-1)])
+            host = host.cpu().numpy()
+            g, carried = host[c:].reshape(k, k), host[:c]
+        return 0.5 * (g + g.T), carried
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every entry of every tensor is finite (one device sync).
 
-    Fast path: a tensor is finite when its norm is (NaN and ±inf propagate into it), and
-    ``torch._foreach_norm`` reads every tensor in one call per device and dtype, with no
-    boolean temporaries: several times cheaper than ``isfinite().all()`` per tensor. A norm
-    can also overflow on finite values, so a non-finite norm is confirmed entry by entry
-    before answering False.
+    Fast path: a tensor is finite when its sum is (a NaN entry makes the sum NaN, an
+    infinite one makes it infinite or NaN), and a sum reads each entry once with no
+    boolean temporaries: several times cheaper than ``isfinite().all()`` per tensor, and
+    cheaper than the norms (measured, 22 tensors of 0.9 M entries: 127 µs against 198 µs
+    for ``torch._foreach_norm``). Half-precision tensors are summed in float32. A sum can
+    also overflow on finite values, so a non-finite sum is confirmed entry by entry before
+    answering False.
     """
     if not tensors:
         return True
+    return bool(finite_sums(tensors)) or entrywise_finite(tensors)
+
+
+def finite_sums(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor on the first tensor's device: whether every tensor's sum is
+    finite (True proves every entry finite; False may be an overflow: ``entrywise_finite``).
+    No host read: the caller reads it, possibly together with other values."""
     device = tensors[0].device
-    norms = torch._foreach_norm(list(tensors))
+    sums = [t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum() for t in tensors]
     try:
-        stacked = torch.stack(norms)
-    except RuntimeError:  # mixed dtypes or devices
-        stacked = torch.stack([n.to(device, torch.float64) for n in norms])
-    if bool(stacked.isfinite().all()):
-        return True
+        stacked = torch.stack(sums)
+    except RuntimeError:  # mixed devices
+        stacked = torch.stack([v.to(device, torch.complex128 if v.is_complex() else torch.float64) for v in sums])
+    return stacked.isfinite().all()
+
+
+def entrywise_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry is finite, checked entry by entry (after a non-finite sum)."""
+    device = tensors[0].device
     flags = [t.isfinite().all() for t in tensors]
     return bool(torch.stack([f.to(device) for f in flags]).all())
 
@@ -257,7 +282,7 @@ class GramSource(abc.ABC):
         """Drop any per-step buffers."""
 
     #: Attributes holding scratch buffers kept between steps: left out of pickles and copies.
-    _SCRATCH: ClassVar[tuple[str, ...]] = ("_buffer", "_storage", "_host", "_rows_buf", "_gram_ws")
+    _SCRATCH: ClassVar[tuple[str, ...]] = ("_buffer", "_storage", "_host", "_rows_buf", "_gram_ws", "carry")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -266,12 +291,20 @@ class GramSource(abc.ABC):
                 state[key] = None
         return state
 
+    #: Set by the optimizer around ``gram()``: a 1-D float64 device tensor (the loss values)
+    #: that ``_gram`` brings to the host with G in one transfer, as ``carried`` (numpy).
+    carry: Tensor | None = None
+
     def _gram(self, rows: Tensor, device: torch.device | None = None) -> np.ndarray:
-        """``rows @ rowsᵀ`` (K×K) in float64, with this source's conversion block kept between steps."""
+        """``rows @ rowsᵀ`` (K×K) in float64, with this source's conversion block kept between
+        steps; ``self.carry`` (if set) comes along in the same transfer, as ``self.carried``."""
         ws = self.__dict__.get("_gram_ws")
         if ws is None:
             ws = self._gram_ws = _GramWorkspace()
-        return ws.gram(rows, device)
+        g, carried = ws.gram(rows, device, self.carry)
+        if carried is not None:
+            self.carried = carried
+        return g
 
     def _rows(self, shape: tuple[int, int], like: Sequence[Tensor]) -> Tensor:
         """The K×n buffer (float32 or wider) for gradients w.r.t. ``like``, kept between

@@ -124,19 +124,28 @@ class MarbleWeighting(Weighting):
             losses = np.ones(k)
         names = list(names) if names is not None else [f"#{i}" for i in range(k)]
         scales = objective_scales(norms, losses, valid, self.normalize, names)
-        scaled = gram[np.ix_(valid, valid)] * np.outer(scales[valid], scales[valid])
+        every = bool(valid.all())
+        if every:  # the QP's input without the masked copies (same values)
+            scaled = gram * np.outer(scales, scales)
+        else:
+            scaled = gram[np.ix_(valid, valid)] * np.outer(scales[valid], scales[valid])
         warm = None
-        if state.warm is not None and state.warm.shape == (k,) and state.warm[valid].sum() > 0:
-            warm = state.warm[valid]
+        if state.warm is not None and state.warm.shape == (k,):
+            warm = state.warm if every else state.warm[valid]
+            if not warm.sum() > 0:
+                warm = None
         raw = np.zeros(k)
         raw[valid], status = self.solver.solve(scaled, warm, validated=True)
         smoothed = self._smoothed(self._anchored(raw, valid), state)
         w = combine_weights(smoothed, scales, norms, valid, rescale=self.rescale)
         alpha = np.where(valid, smoothed, 0.0)
         alpha = alpha / alpha.sum()
-        return WeightingResult(
-            raw=raw, alpha=alpha, w=w, valid=valid.copy(), status=status, extra={"scales": scales, "norms": norms}
-        )
+        # What commit() would recompute for a single micro-batch committed on this same state.
+        extra = {"scales": scales, "norms": norms, "smoothed": smoothed, "w": w, "basis": (state.alpha, self._basis())}
+        return WeightingResult(raw=raw, alpha=alpha, w=w, valid=valid.copy(), status=status, extra=extra)
+
+    def _basis(self) -> tuple[float, float, bool]:
+        return (self.ema_decay, self.anchor, self.rescale)
 
     def _weights(self, gram, losses, index, k):  # pragma: no cover - weigh is overridden
         raise NotImplementedError
@@ -146,6 +155,11 @@ class MarbleWeighting(Weighting):
         if not results:
             return state
         last = results[-1]
+        basis = last.extra.get("basis")
+        if len(results) == 1 and basis is not None and basis[0] is state.alpha and basis[1] == self._basis():
+            # One micro-batch on the state it was weighed on: the mean of one α* is α* itself,
+            # so the smoothed weights and w are those weigh() computed (same operations).
+            return WeightingState(alpha=last.extra["smoothed"], warm=last.raw.copy(), loss_weights=last.extra["w"])
         target = self._anchored(np.mean([r.raw for r in results], axis=0), last.valid)
         alpha = self._smoothed(target, state)
         w = combine_weights(alpha, last.extra["scales"], last.extra["norms"], last.valid, rescale=self.rescale)
