@@ -148,27 +148,25 @@ def test_an_excluded_objective_is_left_out_of_solved_and_cached_steps(
         assert any(not torch.equal(p, q) for p, q in zip(params, before))
 
 
-@pytest.mark.parametrize("refresh_every", REFRESH)
-@pytest.mark.parametrize("normalize", NORMALIZATIONS)
-@pytest.mark.parametrize("gram", SOURCES)
-def test_resume_is_bit_for_bit(gram: str, normalize: str, refresh_every: int) -> None:
-    """state_dict after 2 steps → a new model and optimizer → the same next 3 steps, bit for bit."""
+def _assert_resumes_bit_for_bit(make, gram: str, per_sample: bool = False) -> None:
+    """state_dict after 2 steps → a new model and optimizer (``make(net)``) → the same next 3
+    steps, bit for bit: loss weights, solved/cached, parameters, weights and state."""
     net = model(7)
-    opt = optimizer(net, gram, normalize=normalize, refresh_every=refresh_every, ema_decay=0.7)
+    opt = make(net)
     reports = []
     for i in range(5):
         if i == 2:
             saved_model, saved_opt = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
         opt.zero_grad()
-        losses, z = objectives(net, batch(20 + i))
+        losses, z = objectives(net, batch(20 + i), per_sample=per_sample)
         reports.append(opt.step(losses, **shared_kw(gram, z)))
     net2 = model(99)
-    opt2 = optimizer(net2, gram, normalize=normalize, refresh_every=refresh_every, ema_decay=0.7)
+    opt2 = make(net2)
     net2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     for i in range(2, 5):
         opt2.zero_grad()
-        losses, z = objectives(net2, batch(20 + i))
+        losses, z = objectives(net2, batch(20 + i), per_sample=per_sample)
         report = opt2.step(losses, **shared_kw(gram, z))
         assert report.loss_weights == reports[i].loss_weights
         assert report.solved == reports[i].solved
@@ -176,6 +174,16 @@ def test_resume_is_bit_for_bit(gram: str, normalize: str, refresh_every: int) ->
         assert torch.equal(p, q)
     assert opt2.weights == opt.weights
     assert_same_tree(opt2.state_dict(), opt.state_dict())
+
+
+@pytest.mark.parametrize("refresh_every", REFRESH)
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+@pytest.mark.parametrize("gram", SOURCES)
+def test_resume_is_bit_for_bit(gram: str, normalize: str, refresh_every: int) -> None:
+    """state_dict after 2 steps → a new model and optimizer → the same next 3 steps, bit for bit."""
+    _assert_resumes_bit_for_bit(
+        lambda net: optimizer(net, gram, normalize=normalize, refresh_every=refresh_every, ema_decay=0.7), gram
+    )
 
 
 @pytest.mark.parametrize("refresh_every", REFRESH)
@@ -350,33 +358,11 @@ def test_every_weighting_resumes_bit_for_bit(case: str, gram: str, est: str) -> 
     """state_dict after 2 steps → a new model, optimizer and weighting object → the same next
     3 steps, bit for bit (solved and, for refresh_every=2, cached ones)."""
     refresh = 1 + _GRID.index((case, gram, est)) % 2
-
-    def make(net):
-        return optimizer(net, gram, weighting=case, estimator=est, refresh_every=refresh, ema_decay=0.7)
-
-    net = model(7)
-    opt = make(net)
-    reports = []
-    for i in range(5):
-        if i == 2:
-            saved_model, saved_opt = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
-        opt.zero_grad()
-        losses, z = objectives(net, batch(20 + i), per_sample=est == "cross")
-        reports.append(opt.step(losses, **shared_kw(gram, z)))
-    net2 = model(99)
-    opt2 = make(net2)
-    net2.load_state_dict(saved_model)
-    opt2.load_state_dict(saved_opt)
-    for i in range(2, 5):
-        opt2.zero_grad()
-        losses, z = objectives(net2, batch(20 + i), per_sample=est == "cross")
-        report = opt2.step(losses, **shared_kw(gram, z))
-        assert report.loss_weights == reports[i].loss_weights
-        assert report.solved == reports[i].solved
-    for p, q in zip(net.parameters(), net2.parameters()):
-        assert torch.equal(p, q)
-    assert opt2.weights == opt.weights
-    assert_same_tree(opt2.state_dict(), opt.state_dict())
+    _assert_resumes_bit_for_bit(
+        lambda net: optimizer(net, gram, weighting=case, estimator=est, refresh_every=refresh, ema_decay=0.7),
+        gram,
+        per_sample=est == "cross",
+    )
 
 
 @pytest.mark.parametrize(("case", "gram", "est"), _GRID, ids=_IDS)
