@@ -79,6 +79,16 @@ def _poison(losses: dict[str, torch.Tensor], z: torch.Tensor, names: tuple[str, 
     return out
 
 
+def _step_then_accumulate(net, opt, gram: str, per_sample: bool = False) -> None:
+    """One real step on batch 0 (so, for refresh_every > 1, the next is a cached one), then one
+    micro-batch backward on batch 1 whose step has not come yet."""
+    losses, z = objectives(net, batch(0), per_sample=per_sample)
+    assert not opt.step(losses, **shared_kw(gram, z)).skipped
+    opt.zero_grad()
+    losses, z = objectives(net, batch(1), per_sample=per_sample)
+    assert not opt.backward(losses, **shared_kw(gram, z)).skipped
+
+
 @pytest.mark.parametrize("kind", ["loss", "grad"])
 @pytest.mark.parametrize("refresh_every", REFRESH)
 @pytest.mark.parametrize("policy", POLICIES)
@@ -91,11 +101,7 @@ def test_a_skipped_step_leaves_everything_untouched(gram: str, policy: str, refr
     net = model(3)
     params = list(net.parameters())
     opt = optimizer(net, gram, refresh_every=refresh_every, nonfinite=policy, ema_decay=0.5)
-    losses, z = objectives(net, batch(0))
-    opt.step(losses, **shared_kw(gram, z))
-    opt.zero_grad()
-    losses, z = objectives(net, batch(1))
-    opt.backward(losses, **shared_kw(gram, z))
+    _step_then_accumulate(net, opt, gram)
     before = snapshot(params, opt)
     losses, z = objectives(net, batch(2))
     bad = _poison(losses, z, ("a", "b", "c") if policy == "exclude" else ("b",), kind)
@@ -337,14 +343,9 @@ def test_every_weighting_leaves_everything_untouched_on_a_skip(case: str, gram: 
     net = model(i)
     params = list(net.parameters())
     opt = optimizer(net, gram, weighting=case, estimator=est, nonfinite=policy, refresh_every=1 + i % 2)
-    per_sample = est == "cross"
-    losses, z = objectives(net, batch(0), per_sample=per_sample)
-    assert not opt.step(losses, **shared_kw(gram, z)).skipped
-    opt.zero_grad()
-    losses, z = objectives(net, batch(1), per_sample=per_sample)
-    opt.backward(losses, **shared_kw(gram, z))
+    _step_then_accumulate(net, opt, gram, per_sample=est == "cross")
     before = snapshot(params, opt)
-    losses, z = objectives(net, batch(2), per_sample=per_sample)
+    losses, z = objectives(net, batch(2), per_sample=est == "cross")
     bad = _poison(losses, z, NAMES if policy == "exclude" else ("b",), "loss")
     report = opt.backward(bad, **shared_kw(gram, z))
     assert report.skipped and report.reason

@@ -125,9 +125,7 @@ class MarbleWeighting(Weighting):
         names = list(names) if names is not None else [f"#{i}" for i in range(k)]
         scales = objective_scales(norms, losses, valid, self.normalize, names)
         scaled = gram[np.ix_(valid, valid)] * np.outer(scales[valid], scales[valid])
-        warm = None
-        if state.warm is not None and state.warm.shape == (k,) and state.warm[valid].sum() > 0:
-            warm = state.warm[valid]
+        warm = state.warm_start(valid)
         raw = np.zeros(k)
         raw[valid], status = self.solver.solve(scaled, warm, validated=True)
         smoothed = self._smoothed(self._anchored(raw, valid), state)
