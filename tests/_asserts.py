@@ -204,3 +204,15 @@ def assert_same_direction(a: np.ndarray, b: np.ndarray, rel: float, what: str) -
     lam = float(a @ b) / float(b @ b)
     assert lam > 0, f"{what}: opposite directions ({a} vs {b})"
     assert_close_vec(a, lam * b, rel, what)
+
+
+def assert_same_update(gram: np.ndarray, w: np.ndarray, w_ref: np.ndarray, rel: float, what: str) -> None:
+    """``Σ w_k g_k`` and ``Σ w_ref_k g_k`` agree in the geometry of ``gram``:
+    ``‖d − d_ref‖_G = √((w − w_ref)ᵀ G (w − w_ref))`` small against ``‖d_ref‖_G`` (or, when that
+    vanishes, against ``Σ|w_ref_k|·max‖g_k‖``). Weights may differ along the null space of a
+    singular G (the min-norm point's weights are then not unique)."""
+    diff = np.asarray(w, dtype=np.float64) - np.asarray(w_ref, dtype=np.float64)
+    err = float(np.sqrt(max(float(diff @ gram @ diff), 0.0)))
+    ref = float(np.sqrt(max(float(w_ref @ gram @ w_ref), 0.0)))
+    floor = 1e-3 * float(np.abs(w_ref).sum()) * float(np.sqrt(np.abs(np.diag(gram)).max()))
+    assert err <= rel * max(ref, floor), f"{what}: ‖d − d_ref‖_G = {err:.3g}, ‖d_ref‖_G = {ref:.3g}"

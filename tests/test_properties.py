@@ -19,6 +19,7 @@ from _asserts import (
     assert_report_tells_the_truth,
     assert_same_direction,
     assert_same_tree,
+    assert_same_update,
     assert_untouched,
     assert_weights_match,
     gram_seen,
@@ -48,7 +49,11 @@ from hypothesis import strategies as st
 from marble_opt import WEIGHTINGS, loss_weights
 from marble_opt.testing import flat_grad, jacobian_rows
 
-_SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_SETTINGS = settings(
+    max_examples=int(__import__("os").environ.get("PROPS_EXAMPLES", 4)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @pytest.mark.parametrize("normalize", NORMALIZATIONS)
@@ -291,27 +296,37 @@ def _run(case: str, gram: str, est: str, seed: int, *, order=NAMES, scale=None, 
 
 
 @pytest.mark.parametrize(("case", "gram", "est"), _GRID, ids=_IDS)
-def test_every_weighting_applies_its_weights_to_the_measured_gram(case: str, gram: str, est: str) -> None:
+@_SETTINGS
+@given(seed=st.integers(0, 10_000))
+def test_every_weighting_applies_its_weights_to_the_measured_gram(case: str, gram: str, est: str, seed: int) -> None:
     """Finite α*, α, w per objective; w is the weighting of the Gram the source and estimator
     measured (by hand); p.grad = Σ w_k ∇mean(L_k); no conflict for the methods that promise
     it; permuting the objectives permutes the weights; scaling every loss leaves w alone."""
-    seed = _GRID.index((case, gram, est))
     net, report, seen, rows = _run(case, gram, est, seed)
     assert not report.skipped and report.solved
     assert_finite_weights(report, NAMES)
     w = vec(report.loss_weights, NAMES)
     want = loss_weights(seen, weighting_arg(case), **({"ema_decay": 0.0} if case == "marble" else {}))
-    assert_close_vec(w, want, 1e-4, f"{case}: w against the weighting of the measured Gram")
+
+    def same(actual: dict[str, float], expected: np.ndarray, what: str) -> None:
+        # The cross estimate projected onto the PSD cone is often singular at this batch size:
+        # then min-norm weights are unique only up to its null space; compare the updates.
+        if est == "batch":
+            assert_close_vec(vec(actual, NAMES), expected, 1e-4, f"{case}: {what}")
+        else:
+            assert_same_update(seen, vec(actual, NAMES), expected, 1e-4, f"{case}: {what}")
+
+    same(report.loss_weights, want, "w against the weighting of the measured Gram")
     assert_grad_is_weighted_sum(list(net.parameters()), rows, w, rel=1e-4)
     if case in NON_CONFLICTING:
         assert_no_conflict(seen, w)
     _, permuted, _, _ = _run(case, gram, est, seed, order=NAMES[::-1])
     assert permuted.names == NAMES[::-1]
-    assert_weights_match(permuted.loss_weights, report.loss_weights, 1e-4, f"{case}: weights of permuted objectives")
+    same(permuted.loss_weights, w, "weights of permuted objectives")
     if case in _SCALE_FREE:
         for c in (1e-3, 1e3):
             _, scaled, _, _ = _run(case, gram, est, seed, scale=dict.fromkeys(NAMES, c))
-            assert_weights_match(scaled.loss_weights, report.loss_weights, 1e-4, f"{case}: w with every loss × {c}")
+            same(scaled.loss_weights, w, f"w with every loss × {c}")
 
 
 @pytest.mark.parametrize("normalize", ["l2", "loss"])
