@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from torch import Tensor
 
 from marble_opt import BalanceReport, MarbleOptimizer
-from marble_opt.testing import flat_grad, reference_min_norm_weights
+from marble_opt.testing import flat_grad, jacobian_rows, reference_min_norm_weights
 
 
 def vec(report_field: dict[str, float], names: tuple[str, ...]) -> np.ndarray:
@@ -150,3 +151,68 @@ def assert_report_tells_the_truth(
     else:
         assert opt.num_steps == before.num_steps + 1, "report says not skipped, but no step was taken"
         assert any(not torch.equal(p, q) for p, q in zip(params, before.params)), "not skipped, yet nothing moved"
+
+
+# ---- every weighting ---------------------------------------------------------------------
+
+
+def gram_seen(losses: dict[str, Tensor], inputs: list[Tensor], estimator: str, floor: float = 0.01) -> np.ndarray:
+    """The K×K matrix a weighting is handed, computed by hand: ``G = J Jᵀ`` of the batch means
+    (``"batch"``), or for ``"cross"`` (per-sample losses; even samples in half A) the
+    symmetrised cross product ``½(J_A J_Bᵀ + J_B J_Aᵀ)``, projected onto the PSD cone, its
+    diagonal raised to ``floor·‖g_k^A‖‖g_k^B‖``."""
+    if estimator == "batch":
+        rows = jacobian_rows({n: v.mean() for n, v in losses.items()}, inputs)
+        return (rows @ rows.T).numpy()
+    first = next(iter(losses.values()))
+    even = torch.arange(first.shape[0]) % 2 == 0
+    a = jacobian_rows([v[even].mean() for v in losses.values()], inputs).numpy()
+    b = jacobian_rows([v[~even].mean() for v in losses.values()], inputs).numpy()
+    cross = 0.5 * (a @ b.T + b @ a.T)
+    vals, vecs = np.linalg.eigh(cross)
+    psd = (vecs * np.clip(vals, 0.0, None)) @ vecs.T
+    floor_diag = floor * np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return psd + np.diag(np.maximum(np.diag(psd), floor_diag) - np.diag(psd))
+
+
+def assert_finite_weights(report: BalanceReport, names: tuple[str, ...]) -> None:
+    """α*, α and w: one finite value per objective, in the order given; α sums to 1."""
+    assert report.names == names, f"report names {report.names} != {names}"
+    for field in ("raw_weights", "weights", "loss_weights"):
+        values = getattr(report, field)
+        assert tuple(values) == names, f"{field} keys {tuple(values)} != {names}"
+        assert np.isfinite(vec(values, names)).all(), f"{field} not finite: {values}"
+    assert sum(report.weights.values()) == pytest.approx(1.0, abs=1e-9), f"α sums to {sum(report.weights.values())}"
+
+
+def assert_no_conflict(gram: np.ndarray, w: np.ndarray, rel: float = 1e-6) -> None:
+    """``⟨d, g_k⟩ = (G w)_k ≥ 0`` for every k, ``d = Σ_l w_l g_l`` (G: the Gram the weighting saw)."""
+    inner = gram @ w
+    atol = rel * float(np.abs(np.diag(gram)).max()) * float(np.abs(w).sum())
+    assert (inner >= -atol).all(), f"⟨d, g_k⟩ = {inner} (tolerance {atol:.3g}): the update conflicts with an objective"
+
+
+def assert_weights_match(actual: dict[str, float], expected: dict[str, float], rel: float, what: str) -> None:
+    """Weights keyed by objective name agree (so a permuted run compares name by name)."""
+    names = tuple(expected)
+    assert set(actual) == set(names), f"{what}: names {sorted(actual)} != {sorted(names)}"
+    assert_close_vec(vec(actual, names), vec(expected, names), rel, what)
+
+
+def assert_same_direction(a: np.ndarray, b: np.ndarray, rel: float, what: str) -> None:
+    """``a = λ b`` for some λ > 0."""
+    lam = float(a @ b) / float(b @ b)
+    assert lam > 0, f"{what}: opposite directions ({a} vs {b})"
+    assert_close_vec(a, lam * b, rel, what)
+
+
+def assert_same_update(gram: np.ndarray, w: np.ndarray, w_ref: np.ndarray, rel: float, what: str) -> None:
+    """``Σ w_k g_k`` and ``Σ w_ref_k g_k`` agree in the geometry of ``gram``:
+    ``‖d − d_ref‖_G = √((w − w_ref)ᵀ G (w − w_ref))`` small against ``‖d_ref‖_G`` (or, when that
+    vanishes, against ``Σ|w_ref_k|·max‖g_k‖``). Weights may differ along the null space of a
+    singular G (the min-norm point's weights are then not unique)."""
+    diff = np.asarray(w, dtype=np.float64) - np.asarray(w_ref, dtype=np.float64)
+    err = float(np.sqrt(max(float(diff @ gram @ diff), 0.0)))
+    ref = float(np.sqrt(max(float(w_ref @ gram @ w_ref), 0.0)))
+    floor = 1e-3 * float(np.abs(w_ref).sum()) * float(np.sqrt(np.abs(np.diag(gram)).max()))
+    assert err <= rel * max(ref, floor), f"{what}: ‖d − d_ref‖_G = {err:.3g}, ‖d_ref‖_G = {ref:.3g}"

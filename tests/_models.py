@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from marble_opt import MarbleOptimizer
+from marble_opt import WEIGHTINGS, MarbleOptimizer
 
 #: Every Gram source, normalisation, refresh interval and non-finite policy the suite runs over.
 SOURCES = ("exact", "exact-lean", "shared", "params")
@@ -15,6 +16,12 @@ NORMALIZATIONS = ("l2", "none", "loss", "loss+l2")
 REFRESH = (1, 3)
 POLICIES = ("skip", "raise", "exclude", "propagate")
 NAMES = ("a", "b", "c")
+#: Every weighting by name, and one TorchJD weighting object (built by ``weighting_arg``).
+WEIGHTING_CASES = (*WEIGHTINGS, "torchjd-upgrad")
+#: The weightings that promise ``⟨d, g_k⟩ ≥ 0`` for every k (MARBLE at ρ=0).
+NON_CONFLICTING = ("marble", "mgda", "upgrad")
+#: Every (Gram source, estimator) pair: "cross" needs parameter-space gradients.
+SOURCE_ESTIMATORS = (*((s, "batch") for s in SOURCES), *((s, "cross") for s in SOURCES if s != "shared"))
 
 
 class TrunkHeads(nn.Module):
@@ -46,16 +53,27 @@ def model(seed: int) -> TrunkHeads:
     return TrunkHeads()
 
 
-def objectives(net: TrunkHeads, data: Batch) -> tuple[dict[str, Tensor], Tensor]:
+def objectives(net: TrunkHeads, data: Batch, *, per_sample: bool = False) -> tuple[dict[str, Tensor], Tensor]:
     """Three positive losses on different scales (``normalize="loss"`` needs L > 0) and the
-    shared features they are computed from."""
+    shared features they are computed from; ``per_sample``: (B,) tensors (for the cross
+    estimator), else their means."""
     z, (ya, yb, yc) = net(data.x)
     losses = {
-        "a": 10.0 * ((ya - data.t[:, 0]) ** 2).mean() + 0.1,
-        "b": (yb - data.t[:, 1]).abs().mean() + 0.1,
-        "c": 0.1 * ((yc - data.t[:, 2] + ya) ** 2).mean() + 0.1,
+        "a": 10.0 * (ya - data.t[:, 0]) ** 2 + 0.1,
+        "b": (yb - data.t[:, 1]).abs() + 0.1,
+        "c": 0.1 * (yc - data.t[:, 2] + ya) ** 2 + 0.1,
     }
-    return losses, z
+    return (losses if per_sample else {n: v.mean() for n, v in losses.items()}), z
+
+
+def weighting_arg(case: str) -> Any:
+    """What ``MarbleOptimizer(weighting=...)`` gets for a case of ``WEIGHTING_CASES``: the name,
+    or a fresh ``torchjd.aggregation.UPGradWeighting()`` for ``"torchjd-upgrad"``."""
+    if case == "torchjd-upgrad":
+        from torchjd.aggregation import UPGradWeighting
+
+        return UPGradWeighting()
+    return case
 
 
 def gram_inputs(net: TrunkHeads, gram: str, z: Tensor) -> list[Tensor]:
@@ -76,20 +94,25 @@ def optimizer(
     nonfinite: str = "skip",
     ema_decay: float = 0.0,
     base: str = "adamw",
+    weighting: str = "marble",
+    estimator: str = "batch",
 ) -> MarbleOptimizer:
+    """``normalize`` and ``ema_decay`` are MARBLE's options: used only with ``weighting="marble"``."""
     inner = (
         torch.optim.AdamW(net.parameters(), lr=1e-2)
         if base == "adamw"
         else torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     )
+    marble = {"normalize": normalize, "ema_decay": ema_decay} if weighting == "marble" else {}
     return MarbleOptimizer(
         inner,
+        weighting=weighting_arg(weighting),
         gram=gram,
         gram_params=list(net.trunk.parameters()) if gram == "params" else None,
-        normalize=normalize,
+        gram_estimator=estimator,
         refresh_every=refresh_every,
         nonfinite=nonfinite,
-        ema_decay=ema_decay,
+        **marble,
     )
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from marble_opt import MarbleOptimizer, loss_weights
 from marble_opt._src.estimators import psd_projection, split_halves
+from marble_opt.testing import flat_grad, jacobian_rows
 
 K, D, B = 3, 40, 16
 
@@ -66,18 +67,9 @@ def test_the_cross_estimate_converges_to_the_signals_gram_and_the_batch_one_does
 
 def half_grads(model: nn.Module, per_sample: list[torch.Tensor], mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     params = list(model.parameters())
-
-    def flat(loss: torch.Tensor) -> np.ndarray:
-        g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        return (
-            torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for p, x in zip(params, g)])
-            .double()
-            .numpy()
-        )
-
-    a = np.stack([flat(v[torch.as_tensor(np.flatnonzero(mask))].mean()) for v in per_sample])
-    b = np.stack([flat(v[torch.as_tensor(np.flatnonzero(~mask))].mean()) for v in per_sample])
-    return a, b
+    a = jacobian_rows([v[torch.as_tensor(np.flatnonzero(mask))].mean() for v in per_sample], params)
+    b = jacobian_rows([v[torch.as_tensor(np.flatnonzero(~mask))].mean() for v in per_sample], params)
+    return a.numpy(), b.numpy()
 
 
 class Net(nn.Module):
@@ -130,7 +122,7 @@ def test_cross_report_and_update_match_a_hand_computation(gram: str, with_groups
     np.testing.assert_allclose(w, w_want, rtol=1e-4, atol=1e-8)
     # ... and the update is Σ w_k ∇ mean(L_k) over the whole batch.
     full = (a * mask.sum() + b * (~mask).sum()) / 12
-    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().numpy()
+    got = flat_grad(list(model.parameters())).numpy()
     np.testing.assert_allclose(got, full.T @ w, rtol=1e-4, atol=1e-7)
 
 

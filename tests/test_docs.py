@@ -76,6 +76,19 @@ def test_mkdocs_build_strict_offline(tmp_path: Path) -> None:
     assert "warm_start" in text("api/qp") and "MinNormSolver" in text("api/qp")
     for source in ("ExactSource", "ExactLeanSource", "SharedSource", "ParamsSource", "GramSource"):
         assert source in text("api/sources")
+    weightings = (site / "api/weightings/index.html").read_text(encoding="utf-8")
+    for member in (
+        *("Weighting", "Weighting.weigh", "Weighting.commit", "WeightingState", "WeightingResult", "loss_weights"),
+        *("MarbleWeighting", "MGDAWeighting", "MeanWeighting", "UPGradWeighting", "CAGradWeighting"),
+        *("IMTLGWeighting", "AlignedMTLWeighting", "CallableWeighting", "WEIGHTINGS", "GRAM_ESTIMATORS"),
+        *("_src.estimators.CrossGram", "_src.estimators.split_halves"),
+    ):
+        assert f'id="marble_opt.{member}"' in weightings, member
+    assert "floor" in text("api/weightings") and "EMA of the raw estimate" in text("api/weightings")
+    guide = text("guides/weightings")
+    for paper in ("1810.04650", "2406.16232", "2110.14048", "IMPnRXEWpvr", "2305.19000", "2605.06507"):
+        assert paper in (site / "guides/weightings/index.html").read_text(encoding="utf-8"), paper
+    assert "self_consistency" in guide and "Evidence from the digits benchmark" in guide
     for function in ("group_advantages", "reward_masks", "nft_losses", "optimality_probability"):
         assert function in text("api/rl")
     assert "reference_min_norm_weights" in text("api/testing") and "hard_gram" in text("api/testing")

@@ -10,33 +10,50 @@ import numpy as np
 import pytest
 import torch
 from _asserts import (
+    assert_close_vec,
+    assert_finite_weights,
     assert_grad_is_weighted_sum,
     assert_matches_reference,
+    assert_no_conflict,
     assert_non_conflicting,
     assert_report_tells_the_truth,
+    assert_same_direction,
     assert_same_tree,
+    assert_same_update,
     assert_untouched,
+    assert_weights_match,
+    gram_seen,
     snapshot,
     vec,
 )
 from _models import (
+    NAMES,
+    NON_CONFLICTING,
     NORMALIZATIONS,
     POLICIES,
     REFRESH,
+    SOURCE_ESTIMATORS,
     SOURCES,
+    WEIGHTING_CASES,
     batch,
     gram_inputs,
     model,
     objectives,
     optimizer,
     shared_kw,
+    weighting_arg,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from marble_opt import WEIGHTINGS, loss_weights
 from marble_opt.testing import flat_grad, jacobian_rows
 
-_SETTINGS = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_SETTINGS = settings(
+    max_examples=int(__import__("os").environ.get("PROPS_EXAMPLES", 4)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @pytest.mark.parametrize("normalize", NORMALIZATIONS)
@@ -67,6 +84,16 @@ def _poison(losses: dict[str, torch.Tensor], z: torch.Tensor, names: tuple[str, 
     return out
 
 
+def _step_then_accumulate(net, opt, gram: str, per_sample: bool = False) -> None:
+    """One real step on batch 0 (so, for refresh_every > 1, the next is a cached one), then one
+    micro-batch backward on batch 1 whose step has not come yet."""
+    losses, z = objectives(net, batch(0), per_sample=per_sample)
+    assert not opt.step(losses, **shared_kw(gram, z)).skipped
+    opt.zero_grad()
+    losses, z = objectives(net, batch(1), per_sample=per_sample)
+    assert not opt.backward(losses, **shared_kw(gram, z)).skipped
+
+
 @pytest.mark.parametrize("kind", ["loss", "grad"])
 @pytest.mark.parametrize("refresh_every", REFRESH)
 @pytest.mark.parametrize("policy", POLICIES)
@@ -79,11 +106,7 @@ def test_a_skipped_step_leaves_everything_untouched(gram: str, policy: str, refr
     net = model(3)
     params = list(net.parameters())
     opt = optimizer(net, gram, refresh_every=refresh_every, nonfinite=policy, ema_decay=0.5)
-    losses, z = objectives(net, batch(0))
-    opt.step(losses, **shared_kw(gram, z))
-    opt.zero_grad()
-    losses, z = objectives(net, batch(1))
-    opt.backward(losses, **shared_kw(gram, z))
+    _step_then_accumulate(net, opt, gram)
     before = snapshot(params, opt)
     losses, z = objectives(net, batch(2))
     bad = _poison(losses, z, ("a", "b", "c") if policy == "exclude" else ("b",), kind)
@@ -136,27 +159,25 @@ def test_an_excluded_objective_is_left_out_of_solved_and_cached_steps(
         assert any(not torch.equal(p, q) for p, q in zip(params, before))
 
 
-@pytest.mark.parametrize("refresh_every", REFRESH)
-@pytest.mark.parametrize("normalize", NORMALIZATIONS)
-@pytest.mark.parametrize("gram", SOURCES)
-def test_resume_is_bit_for_bit(gram: str, normalize: str, refresh_every: int) -> None:
-    """state_dict after 2 steps → a new model and optimizer → the same next 3 steps, bit for bit."""
+def _assert_resumes_bit_for_bit(make, gram: str, per_sample: bool = False) -> None:
+    """state_dict after 2 steps → a new model and optimizer (``make(net)``) → the same next 3
+    steps, bit for bit: loss weights, solved/cached, parameters, weights and state."""
     net = model(7)
-    opt = optimizer(net, gram, normalize=normalize, refresh_every=refresh_every, ema_decay=0.7)
+    opt = make(net)
     reports = []
     for i in range(5):
         if i == 2:
             saved_model, saved_opt = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
         opt.zero_grad()
-        losses, z = objectives(net, batch(20 + i))
+        losses, z = objectives(net, batch(20 + i), per_sample=per_sample)
         reports.append(opt.step(losses, **shared_kw(gram, z)))
     net2 = model(99)
-    opt2 = optimizer(net2, gram, normalize=normalize, refresh_every=refresh_every, ema_decay=0.7)
+    opt2 = make(net2)
     net2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     for i in range(2, 5):
         opt2.zero_grad()
-        losses, z = objectives(net2, batch(20 + i))
+        losses, z = objectives(net2, batch(20 + i), per_sample=per_sample)
         report = opt2.step(losses, **shared_kw(gram, z))
         assert report.loss_weights == reports[i].loss_weights
         assert report.solved == reports[i].solved
@@ -164,6 +185,16 @@ def test_resume_is_bit_for_bit(gram: str, normalize: str, refresh_every: int) ->
         assert torch.equal(p, q)
     assert opt2.weights == opt.weights
     assert_same_tree(opt2.state_dict(), opt.state_dict())
+
+
+@pytest.mark.parametrize("refresh_every", REFRESH)
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+@pytest.mark.parametrize("gram", SOURCES)
+def test_resume_is_bit_for_bit(gram: str, normalize: str, refresh_every: int) -> None:
+    """state_dict after 2 steps → a new model and optimizer → the same next 3 steps, bit for bit."""
+    _assert_resumes_bit_for_bit(
+        lambda net: optimizer(net, gram, normalize=normalize, refresh_every=refresh_every, ema_decay=0.7), gram
+    )
 
 
 @pytest.mark.parametrize("refresh_every", REFRESH)
@@ -231,3 +262,174 @@ def test_a_skip_whose_gradients_were_cleared_does_not_swallow_the_next_step(
     assert all(torch.equal(a, b) for a, b in zip(p1, p2))
     assert w1 == w2
     assert_same_tree(s1, s2)
+
+
+# ---- every weighting × Gram source × estimator -----------------------------------------------
+#
+# Each (weighting, source, estimator) triple runs the first-step properties; the stateful
+# ones (skip, resume, exclusion, accumulation) run every weighting with every
+# (source, estimator) pair too, each pair once per weighting, on a few steps of a tiny model.
+
+_GRID = [(case, gram, est) for case in WEIGHTING_CASES for gram, est in SOURCE_ESTIMATORS]
+_IDS = [f"{case}-{gram}-{est}" for case, gram, est in _GRID]
+#: Positive homogeneity: scaling every loss by c scales every g_k, and G by c²; these methods
+#: normalise G (trace, eigenvalues, norms) or solve a scale-free problem, so w is unchanged.
+#: TorchJD's UPGrad regularises G by a fixed ε, so it promises this only approximately.
+_SCALE_FREE = tuple(WEIGHTINGS)
+
+
+def _run(case: str, gram: str, est: str, seed: int, *, order=NAMES, scale=None, nonfinite="skip", nan=()):
+    """One backward of a fresh model (MARBLE at ρ=0) on the losses in ``order``, each times
+    ``scale[name]``, those in ``nan`` NaN. Returns the model, the report and, measured by hand
+    before it over the finite objectives, the Gram the weighting should see and the
+    Jacobian of the batch-mean losses over every parameter."""
+    net = model(seed)
+    opt = optimizer(net, gram, weighting=case, estimator=est, nonfinite=nonfinite, base="sgd")
+    losses, z = objectives(net, batch(seed), per_sample=est == "cross")
+    losses = {n: losses[n] * (1.0 if scale is None else scale[n]) for n in order}
+    finite = {n: v for n, v in losses.items() if n not in nan}
+    seen = gram_seen(finite, gram_inputs(net, gram, z), est)
+    rows = jacobian_rows({n: v.mean() for n, v in finite.items()}, list(net.parameters()))
+    for n in nan:
+        losses[n] = losses[n] * float("nan")
+    return net, opt.backward(losses, **shared_kw(gram, z)), seen, rows
+
+
+@pytest.mark.parametrize(("case", "gram", "est"), _GRID, ids=_IDS)
+@_SETTINGS
+@given(seed=st.integers(0, 10_000))
+def test_every_weighting_applies_its_weights_to_the_measured_gram(case: str, gram: str, est: str, seed: int) -> None:
+    """Finite α*, α, w per objective; w is the weighting of the Gram the source and estimator
+    measured (by hand); p.grad = Σ w_k ∇mean(L_k); no conflict for the methods that promise
+    it; permuting the objectives permutes the weights; scaling every loss leaves w alone."""
+    net, report, seen, rows = _run(case, gram, est, seed)
+    assert not report.skipped and report.solved
+    assert_finite_weights(report, NAMES)
+    w = vec(report.loss_weights, NAMES)
+    want = loss_weights(seen, weighting_arg(case), **({"ema_decay": 0.0} if case == "marble" else {}))
+
+    def same(actual: dict[str, float], expected: np.ndarray, what: str) -> None:
+        # The cross estimate projected onto the PSD cone is often singular at this batch size:
+        # then min-norm weights are unique only up to its null space; compare the updates.
+        if est == "batch":
+            assert_close_vec(vec(actual, NAMES), expected, 1e-4, f"{case}: {what}")
+        else:
+            assert_same_update(seen, vec(actual, NAMES), expected, 1e-4, f"{case}: {what}")
+
+    same(report.loss_weights, want, "w against the weighting of the measured Gram")
+    assert_grad_is_weighted_sum(list(net.parameters()), rows, w, rel=1e-4)
+    if case in NON_CONFLICTING:
+        assert_no_conflict(seen, w)
+    _, permuted, _, _ = _run(case, gram, est, seed, order=NAMES[::-1])
+    assert permuted.names == NAMES[::-1]
+    same(permuted.loss_weights, w, "weights of permuted objectives")
+    if case in _SCALE_FREE:
+        for c in (1e-3, 1e3):
+            _, scaled, _, _ = _run(case, gram, est, seed, scale=dict.fromkeys(NAMES, c))
+            same(scaled.loss_weights, w, f"w with every loss × {c}")
+
+
+@pytest.mark.parametrize("normalize", ["l2", "loss"])
+@pytest.mark.parametrize("gram", SOURCES)
+def test_marble_normalised_updates_ignore_per_objective_loss_scales(gram: str, normalize: str) -> None:
+    """MARBLE's ``"l2"`` and ``"loss"`` normalisations divide g_k by ‖g_k‖ or L_k, so
+    L_k → c_k L_k leaves α* unchanged and the update d = Σ w_k c_k g_k only rescaled.
+    (Not ``"loss+l2"``: ĝ_k = g_k/(L_k‖g_k‖) scales by 1/c_k. Not the cross estimator: its
+    PSD projection does not commute with G → C G C, so it does not promise this.)"""
+    est = "batch"
+    scale = {"a": 1e-2, "b": 1.0, "c": 50.0}
+    runs = []
+    for s in (None, scale):
+        net = model(4)
+        opt = optimizer(net, gram, normalize=normalize, estimator=est, base="sgd")
+        losses, z = objectives(net, batch(4), per_sample=est == "cross")
+        report = opt.backward({n: v * (1.0 if s is None else s[n]) for n, v in losses.items()}, **shared_kw(gram, z))
+        runs.append((report, flat_grad(list(net.parameters())).numpy()))
+    (plain, d_plain), (scaled, d_scaled) = runs
+    assert_close_vec(vec(scaled.raw_weights, NAMES), vec(plain.raw_weights, NAMES), 1e-4, "α* under loss scales")
+    assert_same_direction(d_scaled, d_plain, 1e-4, "the update under loss scales")
+
+
+@pytest.mark.parametrize(("case", "gram", "est"), _GRID, ids=_IDS)
+def test_every_weighting_leaves_everything_untouched_on_a_skip(case: str, gram: str, est: str) -> None:
+    """As the skip test above, for every weighting and estimator (the policy cycles)."""
+    i = _GRID.index((case, gram, est))
+    policy = ("skip", "exclude", "propagate")[i % 3]
+    net = model(i)
+    params = list(net.parameters())
+    opt = optimizer(net, gram, weighting=case, estimator=est, nonfinite=policy, refresh_every=1 + i % 2)
+    _step_then_accumulate(net, opt, gram, per_sample=est == "cross")
+    before = snapshot(params, opt)
+    losses, z = objectives(net, batch(2), per_sample=est == "cross")
+    bad = _poison(losses, z, NAMES if policy == "exclude" else ("b",), "loss")
+    report = opt.backward(bad, **shared_kw(gram, z))
+    assert report.skipped and report.reason
+    assert_untouched(before, params, opt, nan_grads=policy == "propagate")
+    assert opt.step() is None
+    assert_untouched(before, params, opt, nan_grads=policy == "propagate")
+
+
+@pytest.mark.parametrize(("case", "gram", "est"), _GRID, ids=_IDS)
+def test_every_weighting_resumes_bit_for_bit(case: str, gram: str, est: str) -> None:
+    """state_dict after 2 steps → a new model, optimizer and weighting object → the same next
+    3 steps, bit for bit (solved and, for refresh_every=2, cached ones)."""
+    refresh = 1 + _GRID.index((case, gram, est)) % 2
+    _assert_resumes_bit_for_bit(
+        lambda net: optimizer(net, gram, weighting=case, estimator=est, refresh_every=refresh, ema_decay=0.7),
+        gram,
+        per_sample=est == "cross",
+    )
+
+
+@pytest.mark.parametrize(("case", "gram", "est"), _GRID, ids=_IDS)
+def test_every_weighting_weighs_an_excluded_objective_zero(case: str, gram: str, est: str) -> None:
+    """nonfinite="exclude" with one NaN loss: it gets weight 0 and the update is Σ w_k g_k over
+    the others, with the weights the method gives the others' Gram (batch: the same as a run
+    without that objective)."""
+    seed = _GRID.index((case, gram, est))
+    bad = NAMES[seed % 3]
+    net, report, seen, rows = _run(case, gram, est, seed, nonfinite="exclude", nan=(bad,))
+    assert not report.skipped and report.excluded == (bad,)
+    assert report.loss_weights[bad] == 0.0 and report.weights[bad] == 0.0
+    assert_finite_weights(report, NAMES)
+    rest = tuple(n for n in NAMES if n != bad)
+    assert_grad_is_weighted_sum(list(net.parameters()), rows, vec(report.loss_weights, rest), rel=1e-4)
+    want = loss_weights(seen, weighting_arg(case), **({"ema_decay": 0.0} if case == "marble" else {}))
+    if est == "batch":
+        _, without, _, _ = _run(case, gram, est, seed, order=rest)
+        assert_weights_match({n: report.loss_weights[n] for n in rest}, without.loss_weights, 1e-4, "w without it")
+        assert_close_vec(vec(report.loss_weights, rest), want, 1e-4, f"{case}: w of the others' Gram")
+    if case in NON_CONFLICTING and est == "batch":
+        assert_no_conflict(seen, vec(report.loss_weights, rest))
+
+
+@pytest.mark.parametrize(("case", "gram", "est"), _GRID, ids=_IDS)
+def test_every_weighting_accumulates_micro_batches(case: str, gram: str, est: str) -> None:
+    """Two micro-batch backwards add Σ_k w_k g_k each; the step commits the mean α of the
+    micro-batches (MARBLE: ρ·α_prev + (1−ρ)·mean α*), and the cached step that follows
+    (refresh_every=2) reuses the mean w (MARBLE: w from the committed α)."""
+    rho = 0.5
+    net = model(9)
+    params = list(net.parameters())
+    opt = optimizer(net, gram, weighting=case, estimator=est, refresh_every=2, ema_decay=rho, base="sgd")
+    expected = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    reports = []
+    for i in range(2):
+        losses, z = objectives(net, batch(31 + i, n=4), per_sample=est == "cross")
+        rows_full = jacobian_rows({n: v.mean() for n, v in losses.items()}, params)
+        reports.append(opt.backward(losses, **shared_kw(gram, z)))
+        assert reports[-1].solved
+        expected += torch.as_tensor(vec(reports[-1].loss_weights, NAMES)) @ rows_full
+    assert_close_vec(flat_grad(params), expected, 1e-5, "p.grad after two micro-batches")
+    opt.step()
+    field = "raw_weights" if case == "marble" else "weights"
+    committed = np.mean([vec(getattr(r, field), NAMES) for r in reports], axis=0)
+    np.testing.assert_allclose(vec(opt.weights, NAMES), committed, atol=1e-12)
+    opt.zero_grad()
+    losses, z = objectives(net, batch(33, n=4), per_sample=est == "cross")
+    cached = opt.step(losses, **shared_kw(gram, z))
+    assert not cached.solved
+    if case != "marble":
+        mean_w = np.mean([vec(r.loss_weights, NAMES) for r in reports], axis=0)
+        np.testing.assert_allclose(vec(cached.loss_weights, NAMES), mean_w, atol=1e-12)
+    assert opt.num_steps == 2

@@ -14,13 +14,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from _models import TrunkHeads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import marble_opt
 from marble_opt import MarbleOptimizer, loss_weights
-from marble_opt.testing import GRAM_KINDS, hard_gram, min_norm_objective, reference_min_norm_weights
+from marble_opt.testing import (
+    GRAM_KINDS,
+    flat_grad,
+    hard_gram,
+    jacobian_rows,
+    min_norm_objective,
+    reference_min_norm_weights,
+)
 
 tja = pytest.importorskip("torchjd.aggregation")
 from torchjd._linalg import QuadprogProjector  # noqa: E402
@@ -198,17 +206,6 @@ def test_bad_weighting_arguments_name_the_value() -> None:
 # ---- in the optimizer ------------------------------------------------------------------
 
 
-class TrunkHeads(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = self.trunk(x)
-        return [head(h).squeeze(-1) for head in self.heads]
-
-
 _GEN = torch.Generator().manual_seed(7)
 X = torch.randn(32, 5, generator=_GEN)
 T = torch.randn(32, 3, generator=_GEN)
@@ -216,11 +213,11 @@ T = torch.randn(32, 3, generator=_GEN)
 
 def make_model(seed: int = 0) -> TrunkHeads:
     torch.manual_seed(seed)
-    return TrunkHeads()
+    return TrunkHeads(d_in=5, width=8)
 
 
-def objectives(model: nn.Module, x: torch.Tensor = X) -> dict[str, torch.Tensor]:
-    ya, yb, yc = model(x)
+def objectives(model: TrunkHeads, x: torch.Tensor = X) -> dict[str, torch.Tensor]:
+    _, (ya, yb, yc) = model(x)
     return {
         "a": 10.0 * ((ya - T[: len(x), 0]) ** 2).mean(),
         "b": (yb + ya - T[: len(x), 1]).abs().mean(),
@@ -229,20 +226,11 @@ def objectives(model: nn.Module, x: torch.Tensor = X) -> dict[str, torch.Tensor]
 
 
 def grads_of(model: nn.Module, losses: dict[str, torch.Tensor]) -> np.ndarray:
-    params = list(model.parameters())
-    rows = []
-    for loss in losses.values():
-        g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for p, gi in zip(params, g)]))
-    return torch.stack(rows).double().numpy()
+    return jacobian_rows(losses, list(model.parameters())).numpy()
 
 
-def flat_grad(model: nn.Module) -> np.ndarray:
-    return (
-        torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in model.parameters()])
-        .double()
-        .numpy()
-    )
+def update_of(model: nn.Module) -> np.ndarray:
+    return flat_grad(list(model.parameters())).numpy()
 
 
 @pytest.mark.parametrize("name", ["marble", "mgda", "mean", "upgrad", "cagrad", "imtl-g", "aligned-mtl"])
@@ -259,7 +247,7 @@ def test_the_optimizer_applies_the_weightings_weights(name: str, gram: str) -> N
     want = loss_weights(j @ j.T, name, **options)
     got = np.array([report.loss_weights[n] for n in report.names])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
-    np.testing.assert_allclose(flat_grad(model), j.T @ got, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(update_of(model), j.T @ got, rtol=1e-4, atol=1e-6)
     assert sum(report.weights.values()) == pytest.approx(1.0)
 
 
@@ -359,5 +347,5 @@ def test_any_torchjd_gramian_weighting_drives_the_optimizer(factory: str) -> Non
     want = weighting(torch.from_numpy(j @ j.T)).double().numpy()
     got = np.array([report.loss_weights[n] for n in report.names])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(flat_grad(model), j.T @ got, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(update_of(model), j.T @ got, rtol=1e-4, atol=1e-6)
     assert report.solver_status == factory

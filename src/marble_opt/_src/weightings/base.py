@@ -41,6 +41,13 @@ class WeightingState:
 
         return WeightingState(c(self.alpha), c(self.warm), c(self.loss_weights))
 
+    def warm_start(self, valid: np.ndarray) -> np.ndarray | None:
+        """The last α* restricted to ``valid`` (K,) bool, as a QP warm start; None when there is
+        none, it has another K, or it puts no weight on the objectives in ``valid``."""
+        if self.warm is None or self.warm.shape != valid.shape or not self.warm[valid].sum() > 0:
+            return None
+        return self.warm[valid]
+
 
 @dataclass(frozen=True, eq=False)
 class WeightingResult:

@@ -124,16 +124,11 @@ class MarbleWeighting(Weighting):
             losses = np.ones(k)
         names = list(names) if names is not None else [f"#{i}" for i in range(k)]
         scales = objective_scales(norms, losses, valid, self.normalize, names)
-        every = bool(valid.all())
-        if every:  # the QP's input without the masked copies (same values)
+        if valid.all():  # the QP's input without the masked copies (same values)
             scaled = gram * np.outer(scales, scales)
         else:
             scaled = gram[np.ix_(valid, valid)] * np.outer(scales[valid], scales[valid])
-        warm = None
-        if state.warm is not None and state.warm.shape == (k,):
-            warm = state.warm if every else state.warm[valid]
-            if not warm.sum() > 0:
-                warm = None
+        warm = state.warm_start(valid)
         raw = np.zeros(k)
         raw[valid], status = self.solver.solve(scaled, warm, validated=True)
         smoothed = self._smoothed(self._anchored(raw, valid), state)

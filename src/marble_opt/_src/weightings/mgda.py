@@ -39,9 +39,7 @@ class MGDAWeighting(Weighting):
         self, gram: np.ndarray, losses, valid: np.ndarray, state: WeightingState, names: Sequence[str] | None = None
     ) -> WeightingResult:
         k = gram.shape[0]
-        warm = None
-        if state.warm is not None and state.warm.shape == (k,) and state.warm[valid].sum() > 0:
-            warm = state.warm[valid]
+        warm = state.warm_start(valid)
         alpha = np.zeros(k)
         alpha[valid], status = self.solver.solve(gram[np.ix_(valid, valid)], warm, validated=True)
         return WeightingResult(raw=alpha, alpha=alpha.copy(), w=alpha.copy(), valid=valid.copy(), status=status)
