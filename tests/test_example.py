@@ -607,3 +607,13 @@ def test_two_processes_with_ddp_keep_identical_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = rows_of(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["images_per_step"] == 16
+
+
+@pytest.mark.parametrize("weighting", ["cagrad", "upgrad"])
+def test_other_weightings_run_through_marble_options_with_the_cross_estimator(tmp_path, weighting):
+    # --marble-ema is MARBLE's ρ: the loop must not hand it to another weighting (it is refused there)
+    opts = json.dumps({"weighting": weighting, "gram_estimator": "cross"})
+    row = _one_step(tmp_path, "--preset", "digits", "--gram", "exact", "--marble-options", opts)
+    weights = [v for k, v in row.items() if k.startswith("weight/") and v is not None]
+    assert weights and all(math.isfinite(w) for w in weights)
+    assert row["skipped"] is False

@@ -624,11 +624,14 @@ class Trainer:
 
         base = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.combine == "marble":
+            # --marble-ema is MARBLE's ρ: other weightings (--marble-options '{"weighting": ...}') have none
+            weighting = cfg.marble_options.get("weighting", "marble")
+            ema = {"ema_decay": cfg.marble_ema} if weighting == "marble" else {}
             try:
                 self.marble: MarbleOptimizer | None = MarbleOptimizer(
-                    base, ema_decay=cfg.marble_ema, gram=cfg.gram, refresh_every=cfg.refresh_every, **cfg.marble_options
+                    base, gram=cfg.gram, refresh_every=cfg.refresh_every, **ema, **cfg.marble_options
                 )
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 raise ConfigError(f"--marble-options {cfg.marble_options}: {exc}") from exc
             self.optimizer: torch.optim.Optimizer = self.marble
         else:
