@@ -249,38 +249,6 @@ def test_pixel_rewards_follow_the_interface_and_conflict():
         built["brightness"](torch.rand(2, 3, 8, 8), ["a"])
 
 
-def test_clip_adapters_load_a_local_model_and_score(tmp_path):
-    from tiny import build_word_tokenizer, vocabulary
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    prompts = ["a red cat", 'a sign that says "open"']
-    words = vocabulary(prompts)
-    text = dict(
-        vocab_size=len(words) + 4,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    vision = dict(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(tmp_path)
-    CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
-        tokenizer=build_word_tokenizer(words, max_length=16, add_bos=True),
-    ).save_pretrained(tmp_path)
-    opts = {"path": str(tmp_path), "processor_path": str(tmp_path)}
-    for reward in rw.build_rewards(["pickscore", "clipscore"], {"pickscore": opts, "clipscore": opts}):
-        scores = reward(torch.rand(2, 3, 32, 32), prompts)
-        assert scores.shape == (2,) and torch.isfinite(scores).all()
-
-
 # ---- the trainer's parts, in process ------------------------------------------------------------------
 def _trainer(tmp_path, *argv: str) -> train.Trainer:
     argv = ("--preset", "tiny", *argv) if "--preset" not in argv else argv

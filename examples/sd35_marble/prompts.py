@@ -68,14 +68,19 @@ class Prompt:
 
 
 # ---- loaders ----------------------------------------------------------------------------------
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 prompt file; ``PromptFileError`` naming it if it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise PromptFileError(f"prompt file {str(path)!r}: cannot read it ({exc})") from exc
+
+
 def load_text_prompts(path: str | Path, source: str | None = None) -> list[Prompt]:
     """Prompts of a text file, one per line (blank lines and ``#`` comments skipped)."""
     path = Path(path)
     name = source or path.stem
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise PromptFileError(f"prompt file {str(path)!r}: cannot read it ({exc})") from exc
+    lines = _read_lines(path)
     out = [Prompt(ln.strip(), name) for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     if not out:
         raise PromptFileError(
@@ -92,10 +97,7 @@ def load_metadata_prompts(path: str | Path, source: str | None = None) -> list[P
     """
     path = Path(path)
     name = source or path.stem
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise PromptFileError(f"prompt file {str(path)!r}: cannot read it ({exc})") from exc
+    lines = _read_lines(path)
     out = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
