@@ -20,14 +20,10 @@ from .distributed import Collective
 from .estimators import GRAM_ESTIMATORS, CrossGram, split_halves
 from .report import BalanceReport, _Deferred
 from .sources import (
+    CombinedGradient,
     GramSource,
-    _accumulate,
-    _require_dense,
-    _weighted_sum,
     all_finite,
     combined_backward,
-    entrywise_finite,
-    finite_sums,
     make_source,
 )
 from .weightings import MarbleWeighting, Weighting, WeightingResult, WeightingState, make_weighting
@@ -38,7 +34,6 @@ __all__ = ["MarbleOptimizer"]
 _NONFINITE_POLICIES = ("skip", "raise", "exclude", "propagate")
 
 
-_check_ema_decay = check_ema_decay
 #: MARBLE's own options, accepted as keywords of ``MarbleOptimizer`` for the default weighting.
 _MARBLE_OPTIONS = ("ema_decay", "normalize", "rescale", "solver")
 
@@ -305,7 +300,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
     def ema_decay(self, value: float) -> None:
         if not isinstance(self._weighting, MarbleWeighting):
             raise ValueError(f"ema_decay is an option of weighting='marble', not of {self._weighting!r}")
-        self._weighting.ema_decay = _check_ema_decay(value)
+        self._weighting.ema_decay = check_ema_decay(value)
 
     @property
     def normalize(self) -> str | None:
@@ -844,29 +839,10 @@ class MarbleOptimizer(torch.optim.Optimizer):
         w = self._wstate.loss_weights
         assert w is not None
         alpha = self._wstate.alpha if self._wstate.alpha is not None else np.zeros(len(names))
-        total = _weighted_sum(tensors, w, extra)
-        into_grad = all(p.grad is None for p in params)
-        grads: Sequence[Tensor | None] = ()
-        if total is not None:
-            if into_grad:
-                torch.autograd.backward(total, inputs=list(params))
-                grads = [p.grad for p in params]
-            else:
-                grads = torch.autograd.grad(total, list(params), allow_unused=True)
-        present = [g for g in grads if g is not None]
-
-        def undo() -> None:
-            if into_grad:
-                for p in params:
-                    p.grad = None
-
-        try:
-            _require_dense(grads, "the combined loss")
-        except ValueError:
-            undo()
-            raise
-        if present:
-            flag = finite_sums(present).reshape(1).double()
+        grad = CombinedGradient.compute(tensors, w, params, extra)
+        flag = grad.finite_flag()
+        if flag is not None:
+            flag = flag.reshape(1).double()
             if flag.device != local.device:
                 flag = flag.to(local.device)
             host = torch.cat([local, flag]).cpu().numpy()  # the one read of this step
@@ -876,17 +852,16 @@ class MarbleOptimizer(torch.optim.Optimizer):
         values, extra_value = host[: len(names)], (host[len(names)] if extra is not None else 0.0)
         bad_loss = ~np.isfinite(values)
         if bad_loss.any():
-            undo()
+            grad.undo()
             detail = ", ".join(f"{names[k]!r} = {values[k]}" for k in np.flatnonzero(bad_loss))
             return self._nonfinite(names, values, f"non-finite loss: {detail}")
         if not np.isfinite(extra_value):
-            undo()
+            grad.undo()
             return self._nonfinite(names, values, f"non-finite extra loss: {extra_value}")
-        if not finite and not entrywise_finite(present):
-            undo()
+        if not grad.is_finite(finite):
+            grad.undo()
             return self._nonfinite(names, values, "non-finite gradient of the combined loss")
-        if not into_grad:
-            _accumulate(params, grads)
+        grad.commit()
         return self._report(names, values, weights=alpha, loss_weights=w, status="cached", reason="")
 
     @staticmethod

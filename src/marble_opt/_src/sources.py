@@ -49,6 +49,7 @@ __all__ = [
     "ParamsSource",
     "SharedSource",
     "all_finite",
+    "CombinedGradient",
     "combined_backward",
     "make_source",
 ]
@@ -160,6 +161,69 @@ def _weighted_sum(losses: Sequence[Tensor], w: np.ndarray, extra: Tensor | None)
     return total
 
 
+class CombinedGradient:
+    """The gradient of ``Σ w_k L_k (+ extra)``, computed but not yet checked or committed.
+
+    Written straight into ``p.grad`` when no parameter has a gradient yet (so DDP's reducer
+    sees the pass), else held apart. ``finite_flag()`` gives the on-device flag to read
+    (with whatever else the caller reads in the same transfer); then ``commit()`` adds a
+    held gradient to ``p.grad`` and ``undo()`` leaves every ``p.grad`` as it was before.
+    """
+
+    def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], into_grad: bool) -> None:
+        self.params = params
+        self.grads = grads
+        self.into_grad = into_grad
+        self.present = [g for g in grads if g is not None]
+
+    @classmethod
+    def compute(
+        cls,
+        losses: Sequence[Tensor],
+        w: np.ndarray,
+        params: Sequence[Tensor],
+        extra: Tensor | None,
+        *,
+        retain_graph: bool = False,
+    ) -> CombinedGradient:
+        """One backward of ``Σ_{w_k ≠ 0} w_k L_k (+ extra)``; ``ValueError`` (with ``p.grad``
+        as it was) for a sparse gradient."""
+        total = _weighted_sum(losses, w, extra)
+        into_grad = all(p.grad is None for p in params)
+        grads: Sequence[Tensor | None] = ()
+        if total is not None:
+            if into_grad:
+                torch.autograd.backward(total, inputs=list(params), retain_graph=retain_graph)
+                grads = [p.grad for p in params]
+            else:
+                grads = torch.autograd.grad(total, list(params), allow_unused=True, retain_graph=retain_graph)
+        out = cls(params, grads, into_grad and total is not None)
+        try:
+            _require_dense(grads, "the combined loss")
+        except ValueError:
+            out.undo()
+            raise
+        return out
+
+    def finite_flag(self) -> Tensor | None:
+        """On-device ``finite_sums`` of the new gradient (None when there is none)."""
+        return finite_sums(self.present) if self.present else None
+
+    def is_finite(self, flag: bool = True) -> bool:
+        """Whether every entry is finite, given the read ``flag`` (a non-finite sum may be an
+        overflow of finite entries: confirmed entry by entry)."""
+        return flag or entrywise_finite(self.present)
+
+    def commit(self) -> None:
+        if not self.into_grad:
+            _accumulate(self.params, self.grads)
+
+    def undo(self) -> None:
+        if self.into_grad:
+            for p in self.params:
+                p.grad = None
+
+
 def combined_backward(
     losses: Sequence[Tensor],
     w: np.ndarray,
@@ -172,41 +236,28 @@ def combined_backward(
     """One backward of ``Σ w_k L_k (+ extra)``, accumulated into ``p.grad`` of ``params``.
 
     Returns False, with every ``p.grad`` as it was before, if the new gradient is not
-    finite. When no parameter has a gradient yet it runs ``torch.autograd.backward`` (so
-    DDP's reducer sees it) and clears the gradients again on failure; otherwise it
-    computes the gradient apart, checks it, then adds it. ``in_place`` (under
-    ``torch.distributed``): always ``torch.autograd.backward``, so DDP's reducer also sees
-    the synchronised pass that follows ``no_sync`` micro-batches; a non-finite result then
-    stays in ``p.grad`` (the caller skips the step). ``retain_graph``: keep the graph, so
-    that a caller can find which loss was not finite.
+    finite (``CombinedGradient``: into ``p.grad`` when no parameter has a gradient yet, so
+    DDP's reducer sees it, and cleared again on failure; otherwise computed apart, checked,
+    then added). ``in_place`` (under ``torch.distributed``): always
+    ``torch.autograd.backward``, so DDP's reducer also sees the synchronised pass that
+    follows ``no_sync`` micro-batches; a non-finite result then stays in ``p.grad`` (the
+    caller skips the step). ``retain_graph``: keep the graph, so that a caller can find
+    which loss was not finite.
     """
-    total = _weighted_sum(losses, w, extra)
-    if total is None:
-        return True
     if in_place and any(p.grad is not None for p in params):
+        total = _weighted_sum(losses, w, extra)
+        if total is None:
+            return True
         torch.autograd.backward(total, inputs=list(params), retain_graph=retain_graph)
         _require_dense([p.grad for p in params], "the combined loss")
         return all_finite([p.grad for p in params if p.grad is not None])
-    if all(p.grad is None for p in params):
-        torch.autograd.backward(total, inputs=list(params), retain_graph=retain_graph)
-        new = [p.grad for p in params if p.grad is not None]
-        try:
-            _require_dense([p.grad for p in params], "the combined loss")
-        except ValueError:
-            for p in params:
-                p.grad = None
-            raise
-        if all_finite(new):
-            return True
-        for p in params:
-            p.grad = None
-        return False
-    grads = torch.autograd.grad(total, list(params), allow_unused=True, retain_graph=retain_graph)
-    _require_dense(grads, "the combined loss")
-    if not all_finite([g for g in grads if g is not None]):
-        return False
-    _accumulate(params, grads)
-    return True
+    grad = CombinedGradient.compute(losses, w, params, extra, retain_graph=retain_graph)
+    flag = grad.finite_flag()
+    if grad.is_finite(True if flag is None else bool(flag)):
+        grad.commit()
+        return True
+    grad.undo()
+    return False
 
 
 def _accumulate(params: Sequence[Tensor], grads: Iterable[Tensor | None]) -> None:
