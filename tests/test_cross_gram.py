@@ -227,3 +227,10 @@ def test_split_and_processing_properties(k: int, n_groups: int, per_group: int, 
     used = CrossGram(floor=floor).process(cross, products)
     assert np.linalg.eigvalsh(used).min() >= -1e-10 * max(1.0, np.abs(used).max())
     assert (np.diag(used) >= floor * products - 1e-12).all()
+
+
+def test_an_empty_loss_dict_is_refused_clearly_with_the_cross_estimator():
+    model = torch.nn.Linear(3, 1)
+    opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gram_estimator="cross")
+    with pytest.raises(ValueError, match="losses is empty"):
+        opt.backward({})

@@ -763,13 +763,14 @@ class MarbleOptimizer(torch.optim.Optimizer):
                     "every objective needs one loss per sample of the same batch"
                 )
             scalars[name] = value
-        names, _ = self._check_losses({n: v.mean() for n, v in scalars.items()}) if scalars else ((), [])
+        # The whole batch's mean losses, checked once (an empty dict is refused there).
+        names, means = self._check_losses({n: v.mean() for n, v in scalars.items()})
         assert batch is not None
         mask = split_halves(batch, groups)
         if mask.all() or not mask.any():
             raise ValueError(f"groups put every sample in one half ({batch} samples): pass at least two groups")
         per_sample = [scalars[n] for n in names]
-        return names, [v.mean() for v in per_sample], mask, per_sample
+        return names, means, mask, per_sample
 
     def _measure(self, names, tensors, params, shared, keep_graph: bool, cross) -> _Measured:
         """G for the weighting, report.gram, and how to apply w: the batch or the cross estimate."""
