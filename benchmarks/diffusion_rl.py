@@ -440,12 +440,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=JSON, got {text!r}")
     try:
-        value = json.loads(options)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"{name}: not valid JSON ({exc}): {options!r}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{name}: expected a JSON object, got {options!r}")
-    return name, value
+        return name, _import_train().json_object(options)  # the example's own JSON-object check
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{name}: {exc}") from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
