@@ -105,34 +105,18 @@ class ConflictProbe:
         """Flattened parameter-space gradient of each reward's NFT loss on ``batch``."""
         import torch
 
-        from marble_opt.rl import nft_losses
+        from marble_opt.testing import jacobian_rows
 
-        a, cfg, names = trainer.adapter, trainer.cfg, trainer.reward_names
-        from adapters import take
-
+        cfg, names = trainer.cfg, trainer.reward_names
         b = batch.x0.shape[0]
         sig = trainer.sigmas
         grads = {k: torch.zeros(sum(p.numel() for p in trainer.params), dtype=torch.float64) for k in names}
         for _ in range(cfg.train_timesteps):
             slot = torch.randint(0, len(sig) - 1, (b,), generator=self.gen)
-            sigma = sig[slot]
             eps = torch.randn(batch.x0.shape, generator=self.gen)
-            s = sigma.view(-1, *([1] * (batch.x0.ndim - 1)))
-            xt = (1 - s) * batch.x0 + s * eps
-            cond = take(batch.cond, batch.prompt_index)
-            with torch.no_grad():
-                v_old = a.velocity(xt, sigma, cond, "old")
-            v = a.velocity(xt, sigma, cond, "default")
-            out = nft_losses(
-                v, v_old, batch.x0, xt, sigma, {k: adv[k] for k in names}, beta=cfg.beta, adv_clip=cfg.adv_clip,
-                masks={k: masks[k] for k in names},
-            )  # fmt: skip
-            for k in names:
-                g = torch.autograd.grad(out.losses[k], trainer.params, retain_graph=True, allow_unused=True)
-                flat = torch.cat(
-                    [(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, trainer.params)]
-                )
-                grads[k] += flat.double()
+            _, out = trainer.nft_losses_at(batch, torch.arange(b), sig[slot], eps, adv, masks, names, kl=False)
+            for k, row in zip(names, jacobian_rows([out.losses[k] for k in names], trainer.params)):
+                grads[k] += row
         return grads
 
     def independent_batch(self, trainer):

@@ -710,10 +710,54 @@ class Trainer:
         return gathered, adv_local, masks
 
     # ---- one optimizer step --------------------------------------------------------------------------
+    def nft_losses_at(
+        self,
+        batch: Rollout,
+        idx: torch.Tensor,
+        sigma: torch.Tensor,
+        eps: torch.Tensor,
+        adv: dict[str, torch.Tensor],
+        masks: dict[str, torch.Tensor],
+        keys: Sequence[str],
+        *,
+        kl: bool = True,
+        reduction: str = "mean",
+    ) -> tuple[torch.Tensor, Any]:
+        """The DiffusionNFT losses of samples ``idx`` (n,) of ``batch`` noised to times ``sigma``
+        (n,) with noise ``eps``: ``(v_θ, NFTLosses)``, the reward keys ``keys``; the KL term
+        (to the adapter's reference) when ``kl`` and ``--kl-weight`` > 0."""
+        cfg, a = self.cfg, self.adapter
+        dev_idx = idx.to(self.device)
+        sigma = sigma.to(self.device)
+        x0 = batch.x0[dev_idx]
+        eps = eps.to(self.device)
+        s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+        xt = (1 - s) * x0 + s * eps
+        cond = take(batch.cond, batch.prompt_index[idx])
+        with torch.no_grad():
+            v_old = a.velocity(xt, sigma, cond, "old")
+            v_ref = a.velocity(xt, sigma, cond, "ref") if kl and cfg.kl_weight > 0 else None
+        v = a.velocity(xt, sigma, cond, "default")
+        out = nft_losses(
+            v,
+            v_old,
+            x0,
+            xt,
+            sigma,
+            {k: adv[k][dev_idx] for k in keys},
+            beta=cfg.beta,
+            adv_clip=cfg.adv_clip,
+            masks={k: masks[k][dev_idx] for k in keys},
+            v_ref=v_ref,
+            kl_weight=cfg.kl_weight,
+            reduction=reduction,
+        )
+        return v, out
+
     def train_step(
         self, batch: Rollout, adv: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
-        cfg, a = self.cfg, self.adapter
+        cfg = self.cfg
         b = batch.x0.shape[0]
         n_sched = len(self.sigmas) - 1
         # each sample is trained on train_timesteps distinct timesteps of its schedule
@@ -734,32 +778,11 @@ class Trainer:
         raw_count = 0
         skipped = False
         for j, idx in micro:
-            dev_idx = idx.to(self.device)
-            sigma = self.sigmas[slots[idx, j]].to(self.device)
-            x0 = batch.x0[dev_idx]
-            eps = torch.randn(x0.shape, generator=self.gen).to(self.device)
-            s = sigma.view(-1, *([1] * (x0.ndim - 1)))
-            xt = (1 - s) * x0 + s * eps
-            cond = take(batch.cond, batch.prompt_index[idx])
-            with torch.no_grad():
-                v_old = a.velocity(xt, sigma, cond, "old")
-                v_ref = a.velocity(xt, sigma, cond, "ref") if cfg.kl_weight > 0 else None
-            v = a.velocity(xt, sigma, cond, "default")
+            eps = torch.randn((len(idx), *batch.x0.shape[1:]), generator=self.gen)
             cross = self.marble is not None and cfg.marble_options.get("gram_estimator") == "cross"
             keys = [*names, COMBINED] if COMBINED in adv else names
-            out = nft_losses(
-                v,
-                v_old,
-                x0,
-                xt,
-                sigma,
-                {k: adv[k][dev_idx] for k in keys},
-                beta=cfg.beta,
-                adv_clip=cfg.adv_clip,
-                masks={k: masks[k][dev_idx] for k in keys},
-                v_ref=v_ref,
-                kl_weight=cfg.kl_weight,
-                reduction="none" if cross else "mean",
+            v, out = self.nft_losses_at(
+                batch, idx, self.sigmas[slots[idx, j]], eps, adv, masks, keys, reduction="none" if cross else "mean"
             )
             mean_losses = {k: out.losses[k].mean() if cross else out.losses[k] for k in keys}
             losses = {k: mean_losses[k] / n_micro for k in names}
