@@ -39,7 +39,9 @@ def _train(model: nn.Module, gram: str, *, steps: int = 5, amp: bool = False) ->
     for _ in range(steps):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             z = model(x)
-            losses = {f"t{i}": nn.functional.mse_loss(z[:, i], y[:, i]) for i in range(3)}
+            # Each loss reads two output columns, so that the gradients w.r.t. z overlap and
+            # gram="shared" has a non-diagonal G (one column each would make Ĝ the identity).
+            losses = {f"t{i}": nn.functional.mse_loss(z[:, i] + 0.5 * z[:, (i + 1) % 3], y[:, i]) for i in range(3)}
         opt.zero_grad()
         report = opt.step(losses, shared=z) if gram == "shared" else opt.step(losses)
     assert report is not None
@@ -61,7 +63,7 @@ def test_a_compiled_model_trains_like_the_eager_one(gram: str) -> None:
     torch.testing.assert_close(_flat(compiled_module), _flat(eager), rtol=1e-5, atol=1e-6)
     assert report.weights == pytest.approx(ref.weights, abs=1e-6)
     assert not report.skipped
-    assert len(set(report.weights.values())) > 1  # a non-trivial balance was really solved
+    assert max(report.weights.values()) - min(report.weights.values()) > 0.01  # a non-trivial balance
 
 
 @pytest.mark.parametrize("gram", SOURCES)

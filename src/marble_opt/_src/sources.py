@@ -60,6 +60,9 @@ __all__ = [
 #: N=0.8 M, one thread).
 _GRAM_BLOCK_BYTES = {"cpu": 1 << 22}
 _GRAM_BLOCK_BYTES_DEFAULT = 1 << 26
+#: Up to this K the CPU Gram is formed row by row (matrix-vector products), above it as one
+#: matrix product per block (measured at K=16: 11.4 ms row by row against 12.8 ms).
+_GRAM_ROWWISE_MAX_K = 16
 
 
 class _GramWorkspace:
@@ -92,6 +95,11 @@ class _GramWorkspace:
         if not in_place:
             self.block = _reuse(self.block, (k, step), torch.float64, device)
         out = torch.zeros((k, k), dtype=torch.float64, device=device)
+        # On CPU the upper triangle, one row at a time (``G[i, i:] += block[i:] @ block[i]``):
+        # K(K+1)/2 products instead of K², and MKL's float64 matrix-vector product beats its
+        # K×B·B×K product here (measured, one thread, N = 1 M: 2.7 ms against 3.4 ms at
+        # K=4, 8.5 against 13 ms at K=8). Elsewhere one ``addmm_`` per block (one launch).
+        rowwise = device.type == "cpu" and k <= _GRAM_ROWWISE_MAX_K
         for start in range(0, n, step):
             stop = min(n, start + step)
             if in_place:
@@ -99,7 +107,11 @@ class _GramWorkspace:
             else:
                 block = self.block[:, : stop - start]
                 block.copy_(rows[:, start:stop], non_blocking=True)
-            out.addmm_(block, block.T)
+            if rowwise:
+                for i in range(k):
+                    out[i, i:].addmv_(block[i:], block[i])
+            else:
+                out.addmm_(block, block.T)
         if carry is None:
             g, carried = out.cpu().numpy(), None
         else:  # one device-to-host transfer for both
@@ -109,6 +121,8 @@ class _GramWorkspace:
             host = torch.cat([carry.reshape(-1), out.reshape(-1)])
             host = host.cpu().numpy()
             g, carried = host[c:].reshape(k, k), host[:c]
+        if rowwise:  # the strict lower triangle is zero: mirror the upper one (exactly)
+            return g + np.triu(g, 1).T, carried
         return 0.5 * (g + g.T), carried
 
 
