@@ -571,3 +571,29 @@ def test_shared_under_torch_compile_of_the_whole_model_points_the_right_way():
     out = torch.compile(model.heads, backend="aot_eager")(z)
     report = opt.backward({"a": out[:, 0].pow(2).mean(), "b": out[:, 1].pow(2).mean()}, shared=z)
     assert not report.skipped and report.gram is not None
+
+
+@pytest.mark.parametrize("rowwise", [True, False], ids=["upper-triangle", "matrix-product"])
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_the_gram_workspace_is_exact_symmetric_and_does_not_overflow_near_the_float64_maximum(
+    monkeypatch, rowwise: bool, k: int
+) -> None:
+    """Both ways of forming G (CPU upper triangle, one matrix product per block) give the
+    float64 products over several column blocks, exactly symmetric; entries near float64's
+    largest value stay finite (``(G + Gᵀ)/2`` would overflow there)."""
+    from marble_opt._src import sources
+
+    monkeypatch.setattr(sources, "_GRAM_ROWWISE_MAX_K", 16 if rowwise else 0)
+    monkeypatch.setattr(sources, "_GRAM_BLOCK_BYTES", {"cpu": 8 * k * 1024})  # 1024 columns a block
+    gen = torch.Generator().manual_seed(k)
+    rows = torch.randn(k, 5000, generator=gen)  # 5 blocks, the last one partial
+    g, carried = sources._GramWorkspace().gram(rows, carry=torch.arange(3.0, dtype=torch.float64))
+    exact = rows.double() @ rows.double().T
+    np.testing.assert_allclose(g, exact.numpy(), rtol=0, atol=1e-12 * float(exact.trace()))
+    assert np.array_equal(g, g.T)
+    assert carried.tolist() == [0.0, 1.0, 2.0]
+    # float64 rows (multiplied in place) whose products approach float64's maximum
+    big = torch.full((k, 4), 6.0e153, dtype=torch.float64)
+    g_big, _ = sources._GramWorkspace().gram(big)
+    assert np.isfinite(g_big).all()
+    np.testing.assert_allclose(g_big, np.full((k, k), 4 * 6.0e153**2), rtol=1e-15)

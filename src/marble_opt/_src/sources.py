@@ -123,7 +123,7 @@ class _GramWorkspace:
             g, carried = host[c:].reshape(k, k), host[:c]
         if rowwise:  # the strict lower triangle is zero: mirror the upper one (exactly)
             return g + np.triu(g, 1).T, carried
-        return 0.5 * (g + g.T), carried
+        return 0.5 * g + 0.5 * g.T, carried  # halves first: no overflow near float64's maximum
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
