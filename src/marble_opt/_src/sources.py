@@ -550,7 +550,10 @@ class ExactLeanSource(GramSource):
             else:
                 _flatten_into(scratch, grads, numels)
                 del grads
-                host[k].copy_(self.comm.mean_(scratch))
+                # Asynchronous into pinned memory: no host wait per objective. Stream order keeps
+                # it safe: the next flatten into ``scratch`` and the Gram's copies back to the
+                # device come after this copy on the same stream, and the host never reads ``host``.
+                host[k].copy_(self.comm.mean_(scratch), non_blocking=True)
         del scratch
         return self._gram(host, device=device)
 
