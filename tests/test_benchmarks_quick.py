@@ -8,7 +8,6 @@ deterministic (seeded) and are.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -17,17 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run(script: str, *args: str, timeout: int = 240) -> str:
@@ -88,7 +80,7 @@ def conflict_report(tmp_path_factory) -> tuple[str, Path]:
 
 
 def test_qp_tables_have_every_method_and_k(qp_report):
-    qp = _load("qp_solvers")
+    qp = load_benchmark("qp_solvers")
     for heading in ("Median time per call", "Worst objective gap (relative to trace G)"):
         rows = _table(qp_report, heading)
         assert set(rows) == set(qp.METHODS)
@@ -99,7 +91,7 @@ def test_qp_tables_have_every_method_and_k(qp_report):
 
 
 def test_qp_marble_is_exact_and_torchjd_mgda_is_not(qp_report):
-    qp = _load("qp_solvers")
+    qp = load_benchmark("qp_solvers")
     gaps = _table(qp_report, "Worst objective gap (relative to trace G)")
     for method in (qp.WARM, qp.COLD, qp.PUBLIC):
         worst = max(_gap(c) for c in gaps[method])
@@ -114,7 +106,7 @@ def test_qp_marble_is_exact_and_torchjd_mgda_is_not(qp_report):
 
 
 def test_drifting_grams_keep_their_structure():
-    qp = _load("qp_solvers")
+    qp = load_benchmark("qp_solvers")
     for kind in ("duplicates", "opposite", "zero-rows", "rank-deficient", "wide-scales"):
         seq = qp.drifting_grams(kind, 8, 5, np.random.default_rng(7))
         g0 = qp.hard_gram(kind, 8, np.random.default_rng(7))
@@ -134,7 +126,7 @@ def test_drifting_grams_keep_their_structure():
 
 
 def test_reference_beyond_enumeration_is_certified():
-    qp = _load("qp_solvers")
+    qp = load_benchmark("qp_solvers")
     for kind in qp.GRAM_KINDS:
         g = qp.hard_gram(kind, 16, np.random.default_rng(11))
         f_ref, cert, how = qp.reference(g)
@@ -145,7 +137,7 @@ def test_reference_beyond_enumeration_is_certified():
 
 def test_conflict_tables(conflict_report):
     text, png = conflict_report
-    cq = _load("conflict_quality")
+    cq = load_benchmark("conflict_quality")
     toy = _table(text, "(a) CAGrad / Nash-MTL toy")
     assert set(toy) == set(cq.TOY_METHODS)
     assert all(len(cells) == 2 + 3 for cells in toy.values())  # 2 summary columns + 3 quick inits
@@ -159,7 +151,7 @@ def test_conflict_cosine_statistics(conflict_report):
     text, _ = conflict_report
     _, stats = _tables(text, "(b) Specialist multi-task regression")
     # columns: negative fraction, worst cosine, variance, left behind, all improved, time
-    cq = _load("conflict_quality")
+    cq = load_benchmark("conflict_quality")
     # MARBLE, and MGDA solved exactly, never move against an objective; TorchJD's MGDA
     # (Frank–Wolfe stopped at steps < 1e-3) and the summed loss do.
     for exact in ("MARBLE ρ=0.7", "MARBLE ρ=0", cq.MGDA_EXACT):
@@ -230,7 +222,7 @@ def test_diffusion_rl_paired_differences_match_the_runs(diffusion_rl_report):
 
 
 def test_diffusion_rl_lr_choice_prefers_reward_gain_but_not_at_the_judges_cost():
-    bench = _load("diffusion_rl")
+    bench = load_benchmark("diffusion_rl")
 
     def run(lr, gain, judge_end):
         return {
@@ -252,7 +244,7 @@ def test_diffusion_rl_lr_choice_prefers_reward_gain_but_not_at_the_judges_cost()
 
 
 def test_diffusion_rl_help_and_variant_parsing(capsys):
-    bench = _load("diffusion_rl")
+    bench = load_benchmark("diffusion_rl")
     with pytest.raises(SystemExit) as exc:
         bench.main(["--help"])
     assert exc.value.code == 0 and "--marble-variant" in capsys.readouterr().out
@@ -267,7 +259,7 @@ def test_diffusion_rl_help_and_variant_parsing(capsys):
 
 def test_conflict_every_weighting_and_estimator(conflict_report):
     text, _ = conflict_report
-    cq = _load("conflict_quality")
+    cq = load_benchmark("conflict_quality")
     section = text[text.index("### (c)") :]
     rows = {}
     for line in section.splitlines():

@@ -12,13 +12,10 @@ Also here: the proof that lets ``exact`` skip its finiteness pass over the updat
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from _scripts import load_benchmark
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -26,17 +23,9 @@ from torch import nn
 from marble_opt import MarbleOptimizer
 from marble_opt._src.sources import _finite_combination
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _bench():
-    name = "_bench_step_overhead_syncs"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "step_overhead.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return load_benchmark("step_overhead")
 
 
 # ---- the counter itself --------------------------------------------------------------------

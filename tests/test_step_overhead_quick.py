@@ -4,7 +4,6 @@ not asserted: CI machines are shared."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -12,17 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "step_overhead.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("_bench_step_overhead", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _tables(text: str) -> list[dict[str, list[str]]]:
@@ -59,7 +51,7 @@ def report(tmp_path_factory) -> str:
 
 
 def test_time_table_has_every_method_and_k(report):
-    bench = _load()
+    bench = load_benchmark("step_overhead")
     times, targets, memory, fidelity, *_ = _tables(report)
     ks = [f"K={k}" for k in bench.QUICK.ks]
     assert times["__header__"] == ["method", *ks]
@@ -80,7 +72,7 @@ def test_time_table_has_every_method_and_k(report):
 
 
 def test_memory_table_shows_the_gradient_buffers(report):
-    bench = _load()
+    bench = load_benchmark("step_overhead")
     _, _, memory, _, *_ = _tables(report)
     for i, _k in enumerate(bench.QUICK.ks):
         mb = {m: float(cells[i]) for m, cells in memory.items() if m != "__header__"}
@@ -89,7 +81,7 @@ def test_memory_table_shows_the_gradient_buffers(report):
 
 
 def test_fidelity_table(report):
-    bench = _load()
+    bench = load_benchmark("step_overhead")
     fidelity = _tables(report)[3]
     sources = {label for label, _, _ in bench.FIDELITY_SOURCES}
     assert sources | {"refresh_every=4", "exact (reference)", "(baseline) plain sum Σ L_k"} <= set(fidelity)
@@ -108,7 +100,7 @@ def test_fidelity_table(report):
 
 
 def test_peak_extra_bytes_counts_what_a_step_allocates():
-    bench = _load()
+    bench = load_benchmark("step_overhead")
     kept = []
 
     def step(_batch):
@@ -127,7 +119,7 @@ def test_mlp_tables_have_ratios_and_host_syncs(report):
     """The small-step MLP cases: baseline first at 1.000×, every source with a ratio and a
     host-sync count; on CPU the baselines make no round trip and a MARBLE step at least one
     (the loss values with G) and at most two (and the combined gradient's finiteness)."""
-    bench = _load()
+    bench = load_benchmark("step_overhead")
     mlp = _tables(report)[4:]
     assert len(mlp) == len(bench.MLP_QUICK)
     for table, case in zip(mlp, bench.MLP_QUICK):

@@ -4,18 +4,17 @@ different code. Timings are reported, not asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_benchmark
 
 import marble_opt
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "step_versions.py"
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0,
@@ -23,16 +22,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("_bench_step_versions", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_an_earlier_version_is_a_separate_package(tmp_path: Path) -> None:
-    bench = _load()
+    bench = load_benchmark("step_versions")
     old = bench.load_version("HEAD", tmp_path)
     assert old.__name__.startswith("marble_opt_")
     assert old.MarbleOptimizer is not marble_opt.MarbleOptimizer
@@ -41,7 +32,7 @@ def test_an_earlier_version_is_a_separate_package(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("spec", ["mlp4:exact", "tf:shared", "mlp6:params"])
 def test_the_same_code_twice_steps_bit_identically(tmp_path: Path, spec: str) -> None:
-    bench = _load()
+    bench = load_benchmark("step_versions")
     head = bench.load_version("HEAD", tmp_path)
     row = bench.time_case(spec, {"HEAD": head, "this checkout": head}, rounds=2, quick=True)
     assert row["identical"]
@@ -51,7 +42,7 @@ def test_the_same_code_twice_steps_bit_identically(tmp_path: Path, spec: str) ->
 
 def test_different_code_is_told_apart(tmp_path: Path) -> None:
     """Against a package whose step rescales the update, the parameters differ."""
-    bench = _load()
+    bench = load_benchmark("step_versions")
     head = bench.load_version("HEAD", tmp_path)
 
     class Halved(head.MarbleOptimizer):
@@ -72,7 +63,7 @@ def test_different_code_is_told_apart(tmp_path: Path) -> None:
 
 def test_the_script_writes_its_table(tmp_path: Path) -> None:
     out = tmp_path / "versions.md"
-    bench = _load()
+    bench = load_benchmark("step_versions")
     assert bench.main(["--refs", "HEAD", "--quick", "--cases", "mlp4:exact", "--out", str(out)]) == 0
     text = out.read_text()
     assert "| mlp4:exact | K backward passes" in text
