@@ -590,6 +590,10 @@ class HostSyncCounter(torch.overrides.TorchFunctionMode):
     smoothed weights, a torch optimizer's ``step`` counters, which stay on the CPU unless
     ``capturable``/``fused``) are passed as ``host`` (see ``host_state``).
 
+    ``t.to(d)`` with a ``torch.device`` equal to ``t``'s own is a no-op on every device and
+    not counted (a fused optimizer moves ``found_inf`` so); ``.cpu()`` and ``.to("cpu")``
+    are counted.
+
     Use: ``with HostSyncCounter(host_state(opt)) as c: step(batch)``, then ``c.count`` (and
     ``c.where``, the functions that read).
     """
@@ -641,6 +645,14 @@ class HostSyncCounter(torch.overrides.TorchFunctionMode):
                 return True
         return False
 
+    @staticmethod
+    def _onto_itself(args: tuple, kwargs: dict, out: object) -> bool:
+        """``t.to(d)`` with ``d`` a ``torch.device`` equal to ``t``'s own, returning ``t``: a
+        no-op on any device (the fused optimizers move ``found_inf`` to each parameter's
+        device so), not a read; ``.cpu()`` and ``.to("cpu")`` with a string still count."""
+        dest = next((a for a in (*args[1:], kwargs.get("device")) if isinstance(a, torch.device)), None)
+        return dest is not None and isinstance(args[0], Tensor) and out is args[0] and dest == args[0].device
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
@@ -653,7 +665,7 @@ class HostSyncCounter(torch.overrides.TorchFunctionMode):
         if name in self._READS and tensors and device_input:
             self.count += 1
             self.where.append(name)
-        elif self._to_host(name, args, kwargs) and device_input:
+        elif self._to_host(name, args, kwargs) and device_input and not self._onto_itself(args, kwargs, out):
             self.count += 1
             self.where.append(name)
             if out is args[0]:  # cpu() of a CPU tensor: a distinct host copy, as on a GPU

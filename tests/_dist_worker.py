@@ -210,6 +210,21 @@ def fsdp_refusal() -> str:
     return "accepted"
 
 
+def device_skip_refusal() -> str:
+    """What ``step(losses)`` with ``skip_on_device=True`` says under torch.distributed; the
+    parameters must be as they were."""
+    torch.manual_seed(0)
+    net = Net()
+    before = flat_params(net)
+    opt = MarbleOptimizer(torch.optim.AdamW(net.parameters(), lr=0.1, fused=True), skip_on_device=True)
+    x, y = global_batch(0, 1)
+    try:
+        opt.step(losses_of(net(x)[1], y))
+    except ValueError as exc:
+        return str(exc) if torch.equal(before, flat_params(net)) else "parameters changed"
+    return "accepted"
+
+
 #: Loss keys per rank and call for ``name_checks``: (rank 0's keys, rank 1's keys) per call.
 NAME_CASES: dict[str, list[tuple[str, str]]] = {
     "renamed": [("abc", "abd")],  # same count, one name differs: used to be averaged by position
@@ -266,6 +281,7 @@ def main(rank: int, world: int, port: int, outdir: str, mode: str = "scenarios")
     assert accelerator.num_processes == world and accelerator.process_index == rank
     results: dict[str, Any] = {name: train(name, rank, world, accelerator) for name in SCENARIOS}
     results["fsdp"] = fsdp_refusal()
+    results["device_skip"] = device_skip_refusal()
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -96,13 +96,14 @@ def optimizer(
     base: str = "adamw",
     weighting: str = "marble",
     estimator: str = "batch",
+    skip_on_device: bool = False,
 ) -> MarbleOptimizer:
-    """``normalize`` and ``ema_decay`` are MARBLE's options: used only with ``weighting="marble"``."""
-    inner = (
-        torch.optim.AdamW(net.parameters(), lr=1e-2)
-        if base == "adamw"
-        else torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    )
+    """``normalize`` and ``ema_decay`` are MARBLE's options: used only with ``weighting="marble"``.
+    ``base``: ``"adamw"``, ``"adamw-fused"`` (what ``skip_on_device`` needs) or ``"sgd"``."""
+    if base == "sgd":
+        inner = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    else:
+        inner = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=base == "adamw-fused" or None)
     marble = {"normalize": normalize, "ema_decay": ema_decay} if weighting == "marble" else {}
     return MarbleOptimizer(
         inner,
@@ -112,6 +113,7 @@ def optimizer(
         gram_estimator=estimator,
         refresh_every=refresh_every,
         nonfinite=nonfinite,
+        skip_on_device=skip_on_device,
         **marble,
     )
 

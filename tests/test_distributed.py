@@ -195,6 +195,11 @@ def test_fsdp_sharded_parameters_are_refused_with_the_reason(ranks):
         assert "not supported" in res["fsdp"] and "DTensor" in res["fsdp"], res["fsdp"]
 
 
+def test_skip_on_device_is_refused_under_torch_distributed(ranks):
+    for res in ranks:
+        assert "skip_on_device=True is not supported under torch.distributed" in res["device_skip"], res["device_skip"]
+
+
 def test_reordered_loss_dict_on_one_rank_is_matched_by_name(ranks, references):
     """Issue 11, item 1: rank 1 passes its losses in another dict order. The ranks agree on
     rank 0's order before averaging, so the result is one process's (checked above for every

@@ -217,3 +217,185 @@ def test_exact_excluding_a_non_finite_gradient_steps_with_a_finite_update():
     assert report.loss_weights["b"] == 0.0
     assert torch.isfinite(model.weight.grad).all() and torch.isfinite(model.weight).all()
     assert not torch.equal(model.weight, before)
+
+
+# ---- skip_on_device: a fused wrapped optimizer checks the combined gradient ------------------
+FUSED = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, fused=True),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-2, fused=True),
+    "sgd": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, fused=True),
+}
+
+
+class _NanGradient(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward (finite values, non-finite gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class _Net(nn.Module):
+    """A trunk and three heads; ``poison`` gives the first trunk layer's weight a NaN gradient
+    while every value, the losses and their gradients w.r.t. the trunk output stay finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(8, 16)
+        self.last = nn.Linear(16, 16)
+        self.heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(3))
+
+    def forward(self, x, poison: bool = False):
+        w = _NanGradient.apply(self.first.weight) if poison else self.first.weight
+        z = self.last(nn.functional.gelu(nn.functional.linear(x, w, self.first.bias)))
+        return z, {f"l{k}": (h(z) - k).pow(2).mean() for k, h in enumerate(self.heads)}
+
+
+def _device_skip_setup(gram: str, optimizer: str = "adamw", skip_on_device: bool = True):
+    net = _Net()
+    kw = {"gram_params": list(net.last.parameters())} if gram == "params" else {}
+    opt = MarbleOptimizer(FUSED[optimizer](net.parameters()), gram=gram, skip_on_device=skip_on_device, **kw)
+    return net, opt
+
+
+def _device_step(net, opt, gram, x, *, poison=False, with_extra=False):
+    """One ``step(losses)``; ``poison``: a NaN gradient outside what G measures (the first
+    layer's weight for ``shared``/``params``, the extra loss for the exact sources)."""
+    on_layer = poison and gram in ("shared", "params")
+    z, losses = net(x, on_layer)
+    extra = None
+    if with_extra:  # value finite; poisoned: a NaN gradient (sqrt at 0)
+        extra = 1e-3 * z.pow(2).mean() + ((z * 0.0).abs().sqrt().sum() if poison and not on_layer else 0.0)
+    bench = _bench()
+    with bench.HostSyncCounter(bench.host_state(opt)) as c:
+        opt.zero_grad()
+        report = opt.step(losses, shared=z if gram == "shared" else None, extra=extra)
+    return report, c.where
+
+
+@pytest.mark.parametrize("optimizer", sorted(FUSED))
+@pytest.mark.parametrize("gram", sorted(BALANCING))
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_skip_on_device_makes_one_round_trip_per_balancing_step(gram, optimizer, with_extra):
+    net, opt = _device_skip_setup(gram, optimizer)
+    x = torch.randn(4, 8)
+    _device_step(net, opt, gram, x, with_extra=with_extra)
+    report, where = _device_step(net, opt, gram, x, with_extra=with_extra)
+    assert where == ["cpu"], where  # the loss values with G; the wrapped kernel reads the flag
+    assert report.skipped is False and report.reason == ""
+
+
+@pytest.mark.parametrize("gram", sorted(BALANCING))
+@pytest.mark.parametrize("optimizer", sorted(FUSED))
+def test_skip_on_device_steps_bit_identically_to_the_host_check(gram, optimizer):
+    x = torch.randn(4, 8)
+    runs = []
+    for on_device in (False, True):
+        net, opt = _device_skip_setup(gram, optimizer, skip_on_device=on_device)
+        for t in range(4):
+            report, _ = _device_step(net, opt, gram, x, with_extra=t % 2 == 1)
+        runs.append(([p.detach().clone() for p in net.parameters()], report.weights, opt.num_steps))
+    (p0, w0, n0), (p1, w1, n1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert w0 == w1 and n0 == n1 == 4
+
+
+@pytest.mark.parametrize(
+    ("gram", "with_extra"), [("shared", False), ("params", False), ("exact", True), ("exact-lean", True)]
+)
+@pytest.mark.parametrize("optimizer", sorted(FUSED))
+def test_a_non_finite_gradient_is_skipped_on_the_device_untouched(gram, with_extra, optimizer):
+    """G and the losses are finite, the combined gradient is not: the fused kernel skips, with
+    parameters and its state as before and no host read for it; the report says so when read."""
+    net, opt = _device_skip_setup(gram, optimizer)
+    x = torch.randn(4, 8)
+    _device_step(net, opt, gram, x)  # the optimizer's state exists
+    before = [p.detach().clone() for p in net.parameters()]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in net.parameters()}
+    steps = opt.num_steps
+    report, where = _device_step(net, opt, gram, x, poison=True, with_extra=with_extra)
+    assert where == ["cpu"], where
+    assert report.skipped is True
+    assert "skipped its step on the device" in report.reason
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    for p in net.parameters():
+        assert opt.state[p].keys() == state[id(p)].keys()
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state[id(p)].items()), gram
+    assert opt.num_steps == steps + 1  # documented: the weighting's state advances
+    # the next finite step goes ahead as usual
+    report, _ = _device_step(net, opt, gram, x)
+    assert report.skipped is False and not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
+def test_skip_on_device_leaves_backward_alone_and_accumulation_on_the_host():
+    """``backward()`` without ``step(losses)``, and a step adding to gradients already in p.grad,
+    check finiteness on the host (a skipped backward writes nothing)."""
+    net, opt = _device_skip_setup("shared")
+    x = torch.randn(4, 8)
+    z, losses = net(x, poison=True)
+    report = opt.backward(losses, shared=z)
+    assert report.skipped and all(p.grad is None for p in net.parameters())
+    opt.zero_grad()
+    z, losses = net(x)
+    opt.backward(losses, shared=z)  # gradients now in p.grad
+    bench = _bench()
+    z, losses = net(x, poison=True)
+    with bench.HostSyncCounter(bench.host_state(opt)) as c:
+        report = opt.step(losses, shared=z)
+    assert report.skipped and c.where[:2] == ["cpu", "__bool__"]  # the flag read (then confirmed entry by entry)
+
+
+def test_skip_on_device_is_refused_where_it_cannot_work():
+    net = _Net()
+    with pytest.raises(ValueError, match=r"fused=True; got AdamW with fused=None"):
+        MarbleOptimizer(torch.optim.AdamW(net.parameters()), skip_on_device=True)
+    with pytest.raises(ValueError, match=r"got RMSprop"):
+        MarbleOptimizer(torch.optim.RMSprop(net.parameters()), skip_on_device=True)
+    with pytest.raises(ValueError, match=r"nonfinite='skip', not nonfinite='exclude'"):
+        MarbleOptimizer(FUSED["adamw"](net.parameters()), skip_on_device=True, nonfinite="exclude")
+    with pytest.raises(TypeError, match=r"skip_on_device must be True or False, got 'yes'"):
+        MarbleOptimizer(FUSED["adamw"](net.parameters()), skip_on_device="yes")
+    opt = MarbleOptimizer(FUSED["sgd"](net.parameters()), skip_on_device=True)
+    assert "skip_on_device=True" in repr(opt)
+
+
+@pytest.mark.parametrize("gram", sorted(BALANCING))
+def test_skip_on_device_reads_nothing_on_a_cached_step(gram):
+    """Between refreshes the loss values stay on the device until the report's ``losses`` is read."""
+    net, opt = _device_skip_setup(gram)
+    opt.refresh_every = 2
+    x = torch.randn(4, 8)
+    _, where = _device_step(net, opt, gram, x)  # solve
+    assert where == ["cpu"]
+    report, where = _device_step(net, opt, gram, x, with_extra=True)  # cached
+    assert where == [] and not report.solved and opt.num_steps == 2
+    z, losses = net(x)
+    assert report.losses.keys() == losses.keys() and all(v > 0 for v in report.losses.values())
+    assert report.skipped is False and report.reason == ""
+
+
+@pytest.mark.parametrize("gram", sorted(BALANCING))
+def test_skip_on_device_skips_a_cached_step_with_a_nan_loss_untouched(gram):
+    net, opt = _device_skip_setup(gram)
+    opt.refresh_every = 2
+    x = torch.randn(4, 8)
+    _device_step(net, opt, gram, x)  # solve; the state exists
+    before = [p.detach().clone() for p in net.parameters()]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in net.parameters()}
+    z, losses = net(x)
+    losses["l1"] = losses["l1"] * float("nan")
+    bench = _bench()
+    with bench.HostSyncCounter(bench.host_state(opt)) as c:
+        opt.zero_grad()
+        report = opt.step(losses, shared=z if gram == "shared" else None)
+    assert c.where == []
+    assert report.skipped is True and "non-finite loss or gradient" in report.reason
+    assert np.isnan(report.losses["l1"])
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    for p in net.parameters():
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state[id(p)].items())

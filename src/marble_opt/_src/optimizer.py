@@ -67,6 +67,9 @@ class _Pending:
         self.results: list[WeightingResult] = []
         self.crosses: list[np.ndarray] = []
         self.skip = False
+        #: ``skip_on_device``: whether the gradient written is finite, on the device, unread
+        #: (the wrapped fused optimizer's ``found_inf`` is its negation).
+        self.device_flag: Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -137,6 +140,19 @@ class MarbleOptimizer(torch.optim.Optimizer):
             that step. ``"propagate"`` skips like ``"skip"`` but fills ``p.grad`` with NaN,
             as ``loss.backward()`` would: use it with fp16 ``GradScaler``, which then sees
             the overflow, skips its step and lowers its scale.
+        skip_on_device: with a wrapped optimizer that can skip a step on the device
+            (``torch.optim.Adam``, ``AdamW`` or ``SGD`` built with ``fused=True``), leave the
+            finiteness check of the combined gradient to it instead of reading it on the
+            host: ``step(losses)`` then makes one device-to-host transfer per balancing step
+            (the loss values with G) for every Gram source. Non-finite losses and gradients
+            that G already shows are still skipped on the host as under ``"skip"``. A
+            non-finite combined gradient is caught by the optimizer's kernel (parameters and
+            its state untouched), but then ``p.grad`` keeps that gradient, the step hooks
+            run, and the weighting's state (the smoothed weights, ``num_steps``) advances as
+            if the step had been taken; ``report.skipped`` and ``report.reason`` are read
+            from the device when first accessed. Needs ``nonfinite="skip"``; not under
+            ``torch.distributed``; ``backward()`` alone, and a ``step(losses)`` that adds to
+            gradients already in ``p.grad``, check on the host as usual.
         process_group: the ranks of a data-parallel job to agree with. ``None``: the
             default group whenever ``torch.distributed`` is initialized; a
             ``ProcessGroup``: that one; ``False``: none (each rank balances its own batch).
@@ -166,6 +182,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         estimator_options: Mapping[str, Any] | None = None,
         refresh_every: int = 1,
         nonfinite: str = "skip",
+        skip_on_device: bool = False,
         process_group: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -179,6 +196,10 @@ class MarbleOptimizer(torch.optim.Optimizer):
             raise ValueError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
         if nonfinite not in _NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
+        if not isinstance(skip_on_device, bool):
+            raise TypeError(f"skip_on_device must be True or False, got {skip_on_device!r}")
+        if skip_on_device:
+            self._check_device_skip(optimizer, nonfinite)
         if gram_estimator not in GRAM_ESTIMATORS:
             raise ValueError(f"gram_estimator must be one of {GRAM_ESTIMATORS}, got {gram_estimator!r}")
         if gram_estimator == "cross" and gram == "shared":
@@ -210,6 +231,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
 
         self.refresh_every = refresh_every
         self.nonfinite = nonfinite
+        self.skip_on_device = skip_on_device
+        self._stepping = False  # inside step(losses): a deferred finiteness check may go to the wrapped step
         self._gram_name = gram
         self._estimator_name = gram_estimator
         self._names: tuple[str, ...] | None = None
@@ -217,6 +240,20 @@ class MarbleOptimizer(torch.optim.Optimizer):
         self._pending = _Pending()
         self._skip_mark: _GradMark | None = None
         self.num_steps = 0
+
+    @staticmethod
+    def _check_device_skip(optimizer: torch.optim.Optimizer, nonfinite: str) -> None:
+        """``skip_on_device=True`` needs ``nonfinite="skip"`` and a wrapped optimizer whose step
+        reads ``found_inf`` (fused Adam, AdamW, SGD: as under ``GradScaler``)."""
+        if nonfinite != "skip":
+            raise ValueError(f"skip_on_device=True works with nonfinite='skip', not nonfinite={nonfinite!r}")
+        fused = [group.get("fused") for group in optimizer.param_groups]
+        if not getattr(optimizer, "_step_supports_amp_scaling", False) or not all(fused):
+            raise ValueError(
+                f"skip_on_device=True needs a wrapped optimizer that skips a step on the device when told "
+                f"found_inf: torch.optim.Adam, AdamW or SGD built with fused=True; got {type(optimizer).__name__} "
+                f"with fused={fused[0] if len(set(map(repr, fused))) == 1 else fused!r}"
+            )
 
     @staticmethod
     def _build_weighting(weighting: Any, options: Mapping[str, Any] | None, **marble: Any) -> Weighting:
@@ -277,6 +314,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         state.setdefault("_skip_mark", None)
+        state.setdefault("skip_on_device", False)  # pickled before the option existed
+        state.setdefault("_stepping", False)
         self.__dict__.update(state)
         self._patch_step_function()
 
@@ -333,7 +372,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         est = f", gram_estimator={self._estimator_name!r}" if self._estimator_name != "batch" else ""
         return (
             f"MarbleOptimizer(gram={self._gram_name!r}{est}, {head}, refresh_every={self.refresh_every}, "
-            f"nonfinite={self.nonfinite!r},\n  {self.optimizer!r})"
+            f"nonfinite={self.nonfinite!r}{', skip_on_device=True' if self.skip_on_device else ''},\n  {self.optimizer!r})"
         )
 
     # ---- public API --------------------------------------------------------------------
@@ -532,7 +571,13 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if losses is not None:
             if closure is not None:
                 raise ValueError("pass either losses or a closure to step(), not both")
-            report = self.backward(losses, shared=shared, extra=extra, groups=groups)
+            if self.skip_on_device and self._comm.active:
+                raise ValueError("skip_on_device=True is not supported under torch.distributed: construct with False")
+            self._stepping = self.skip_on_device
+            try:
+                report = self.backward(losses, shared=shared, extra=extra, groups=groups)
+            finally:
+                self._stepping = False
         elif shared is not None or extra is not None or groups is not None:
             raise ValueError("shared=, extra= and groups= need losses: step(losses, shared=..., extra=...)")
         if self._pending.skip:
@@ -566,11 +611,32 @@ class MarbleOptimizer(torch.optim.Optimizer):
                         )
                     args, kwargs = result
             closure = kwargs.get("closure")
-            out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            flag = self._pending.device_flag
+            if flag is None:
+                out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            else:
+                out = self._step_found_inf(flag, closure)
             self._commit()
             for hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
                 hook(self, args, kwargs)
         return out
+
+    def _step_found_inf(self, flag: Tensor, closure: Callable[[], Any] | None) -> Any:
+        """The wrapped (fused) step told ``found_inf = not flag``: its kernel leaves parameters
+        and state untouched when the gradient is not finite, with no host read (the way
+        ``GradScaler`` hands it over; attributes it had are restored)."""
+        opt = self.optimizer
+        saved = {name: opt.__dict__[name] for name in ("found_inf", "grad_scale") if name in opt.__dict__}
+        opt.found_inf = (~flag).to(torch.float32)
+        opt.grad_scale = None
+        try:
+            return opt.step(closure) if closure is not None else opt.step()
+        finally:
+            for name in ("found_inf", "grad_scale"):
+                if name in saved:
+                    setattr(opt, name, saved[name])
+                else:
+                    opt.__dict__.pop(name, None)
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -840,6 +906,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
         w = self._wstate.loss_weights
         assert w is not None
         alpha = self._wstate.alpha if self._wstate.alpha is not None else np.zeros(len(names))
+        if self._stepping and all(p.grad is None for p in params):
+            return self._apply_cached_on_device(names, local, tensors, params, extra, w, alpha)
         grad = CombinedGradient.compute(tensors, w, params, extra)
         flag = grad.finite_flag()
         if flag is not None:
@@ -864,6 +932,30 @@ class MarbleOptimizer(torch.optim.Optimizer):
             return self._nonfinite(names, values, "non-finite gradient of the combined loss")
         grad.commit()
         return self._report(names, values, weights=alpha, loss_weights=w, status="cached", reason="")
+
+    def _apply_cached_on_device(self, names, local, tensors, params, extra, w, alpha) -> BalanceReport:
+        """A cached step under ``skip_on_device`` with no host read: the gradient goes into
+        ``p.grad``; whether it and the loss values are finite stays on the device for the
+        wrapped step's ``found_inf``; the report reads the values when they are accessed."""
+        grad = CombinedGradient.compute(tensors, w, params, extra)
+        flag = local.isfinite().all()
+        grad_flag = grad.finite_flag()
+        if grad_flag is not None:
+            flag = flag & grad_flag.to(flag.device)
+        self._pending.device_flag = flag if self._pending.device_flag is None else self._pending.device_flag & flag
+        report = self._report(
+            names, np.zeros(len(names)), weights=alpha, loss_weights=w, status="cached", device_flag=flag
+        )
+        object.__setattr__(report, "reason", _Deferred(lambda: _device_reason(flag, "", "loss or gradient")))
+        host: list[np.ndarray] = []
+
+        def values() -> dict[str, float]:
+            if not host:
+                host.append(local.cpu().numpy())
+            return dict(zip(names, host[0][: len(names)].tolist()))
+
+        object.__setattr__(report, "losses", _Deferred(values))
+        return report
 
     @staticmethod
     def _nonfinite_gradients(tensors: Sequence[Tensor], params: Sequence[Tensor], among: np.ndarray) -> np.ndarray:
@@ -937,9 +1029,13 @@ class MarbleOptimizer(torch.optim.Optimizer):
         except Exception:
             self.source.release()
             raise
-        if not self._comm.all_true(
-            self.source.apply(m.expand(result.w), m.apply_losses, params, extra), tensors[0].device
-        ):
+        applied = self.source.apply(m.expand(result.w), m.apply_losses, params, extra, defer=self._stepping)
+        device_flag = None
+        if isinstance(applied, Tensor):  # skip_on_device: the wrapped step reads it
+            pending_flag = self._pending.device_flag
+            device_flag = applied if pending_flag is None else pending_flag & applied
+            self._pending.device_flag = device_flag
+        elif not self._comm.all_true(applied, tensors[0].device):
             return self._nonfinite(names, values, "non-finite gradient of the combined loss")
         self._pending.results.append(result)
         if mask is not None:
@@ -957,6 +1053,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
             status=result.status,
             reason="; ".join(reasons),
             consistency=m.consistency,
+            device_flag=device_flag,
         )
 
     def _commit(self) -> None:
@@ -986,6 +1083,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         status: str,
         reason: str = "",
         consistency: np.ndarray | None = None,
+        device_flag: Tensor | None = None,
     ) -> BalanceReport:
         if self._names is None:  # the first call that gets this far fixes the objectives
             self._names = names
@@ -1028,9 +1126,17 @@ class MarbleOptimizer(torch.optim.Optimizer):
             update_cosine=_Deferred(lambda: named(cosines()[1])) if measured else {},
             mean_cosine=_Deferred(lambda: named(cosines()[2])) if measured else {},
             excluded=excluded,
-            skipped=skipped,
+            skipped=skipped if device_flag is None else _Deferred(lambda: not bool(device_flag)),
             solved=raw is not None,
             solver_status=status,
-            reason=reason,
+            reason=reason if device_flag is None else _Deferred(lambda: _device_reason(device_flag, reason)),
             self_consistency=named(consistency),
         )
+
+
+def _device_reason(flag: Tensor, reason: str, what: str = "gradient of the combined loss") -> str:
+    """``report.reason`` of a step whose finiteness check the wrapped optimizer made on the device."""
+    if bool(flag):
+        return reason
+    skipped = f"non-finite {what} (the wrapped optimizer skipped its step on the device)"
+    return f"{reason}; {skipped}" if reason else skipped

@@ -25,7 +25,8 @@ class _LazyField:
     """A dataclass field whose value may be a ``_Deferred``: computed once, when first read.
 
     Used for the report's derived fields (``cosine``, ``update_cosine``, ``mean_cosine``),
-    which a training loop rarely reads: computing them on every step cost ~0.1 ms."""
+    which a training loop rarely reads: computing them on every step cost ~0.1 ms; and under
+    ``skip_on_device`` for ``skipped`` and ``reason``, which wait for the device when read."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.slot = "_lazy_" + name
@@ -57,7 +58,8 @@ class BalanceReport:
             objectives that took part).
         raw_weights: the QP's solution α* before smoothing (empty when not solved).
         loss_weights: the coefficients ``w_k`` of the update ``d = Σ_k w_k ∇L_k``.
-        losses: the loss values.
+        losses: the loss values (on a cached step under ``skip_on_device``, read from the
+            device when first accessed).
         gram: ``G_kl = ⟨∇L_k, ∇L_l⟩`` as measured by the Gram source.
         cosine: ``cos(∇L_k, ∇L_l)``.
         grad_norms: ``‖∇L_k‖``.
@@ -67,7 +69,9 @@ class BalanceReport:
             weighted-sum baseline's diagnostic, from the same Gram at no extra cost).
         excluded: objectives left out of the QP (zero or non-finite gradient).
         skipped: True when no update was written (non-finite input under
-            ``nonfinite="skip"``, or no objective with a usable gradient).
+            ``nonfinite="skip"``, or no objective with a usable gradient); with
+            ``skip_on_device``, True when the wrapped optimizer skipped the step on the
+            device (read from it when first accessed).
         solved: whether the QP was solved this step (False on cached-weight steps).
         solver_status: the path that produced ``raw_weights`` (``"osqp"``,
             ``"active-set"``, ``"closed-form"``, ...), ``"cached"`` or ``"skipped"``.
@@ -87,17 +91,17 @@ class BalanceReport:
     weights: dict[str, float]
     raw_weights: dict[str, float]
     loss_weights: dict[str, float]
-    losses: dict[str, float]
+    losses: dict[str, float] = _LazyField()  # type: ignore[assignment]
     gram: np.ndarray | None
     cosine: np.ndarray | None = _LazyField()  # type: ignore[assignment]
     grad_norms: dict[str, float] = _LazyField()  # type: ignore[assignment]
     update_cosine: dict[str, float] = _LazyField()  # type: ignore[assignment]
     mean_cosine: dict[str, float] = _LazyField()  # type: ignore[assignment]
     excluded: tuple[str, ...]
-    skipped: bool
+    skipped: bool = _LazyField()  # type: ignore[assignment]
     solved: bool
     solver_status: str
-    reason: str = ""
+    reason: str = _LazyField()  # type: ignore[assignment]
     self_consistency: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

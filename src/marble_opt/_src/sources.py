@@ -337,10 +337,25 @@ class GramSource(abc.ABC):
     ) -> np.ndarray:
         """Raw Gram matrix (K×K float64). ``keep_graph``: the graph is needed afterwards."""
 
-    def apply(self, w: np.ndarray, losses: Sequence[Tensor], params: Sequence[Tensor], extra: Tensor | None) -> bool:
+    def apply(
+        self,
+        w: np.ndarray,
+        losses: Sequence[Tensor],
+        params: Sequence[Tensor],
+        extra: Tensor | None,
+        *,
+        defer: bool = False,
+    ) -> bool | Tensor:
         """Accumulate ``Σ w_k ∇L_k (+ ∇extra)`` into ``p.grad``; False if not finite.
 
-        Under ``torch.distributed`` this is an ordinary backward: DDP averages it."""
+        Under ``torch.distributed`` this is an ordinary backward: DDP averages it.
+        ``defer`` (``skip_on_device``): when no parameter has a gradient yet, the gradient
+        is written whatever it holds and its finiteness returned as an on-device 0-dim bool
+        tensor (``finite_sums``), not read; otherwise as without it."""
+        if defer and not self.comm.active and all(p.grad is None for p in params):
+            grad = CombinedGradient.compute(losses, w, params, extra)
+            flag = grad.finite_flag()
+            return True if flag is None else flag
         return combined_backward(losses, w, params, extra, in_place=self.comm.active)
 
     def release(self) -> None:  # noqa: B027 - optional hook, a no-op by default
@@ -460,7 +475,7 @@ class ExactSource(GramSource):
         self._norms = np.sqrt(np.diag(gram))  # proves apply()'s update finite without reading it
         return gram
 
-    def apply(self, w, losses, params, extra):
+    def apply(self, w, losses, params, extra, *, defer=False):
         buf = self._buffer
         assert buf is not None, "apply() before gram()"
         idx = np.flatnonzero(w)
@@ -484,8 +499,12 @@ class ExactSource(GramSource):
         # combined rows have a finite ‖g_k‖, so finite entries, and |d_i| ≤ Σ_k |w_k| ‖g_k‖.
         norms = self._norms
         proven = extra is None and norms is not None and _finite_combination(w[idx], norms[idx], buf.dtype)
-        if not proven and not all_finite([direction]):
-            return False
+        deferred: bool | Tensor = True
+        if not proven:
+            if defer and not self.comm.active and all(p.grad is None for p in params):
+                deferred = finite_sums([direction])  # read by the wrapped optimizer's step, on the device
+            elif not all_finite([direction]):
+                return False
         if self.comm.active:  # ranks may differ in which parameters they reach
             used = [True] * len(params)
         # Like loss.backward(): parameters no loss reaches get no gradient (None stays None, so
@@ -493,7 +512,7 @@ class ExactSource(GramSource):
         _accumulate(
             params, [_as_param(seg, p) if u else None for seg, p, u in zip(direction.split(numels), params, used)]
         )
-        return True
+        return deferred
 
     def release(self):
         self._buffer = None
