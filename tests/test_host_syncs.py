@@ -332,22 +332,38 @@ def test_a_non_finite_gradient_is_skipped_on_the_device_untouched(gram, with_ext
     assert report.skipped is False and not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
 
 
-def test_skip_on_device_leaves_backward_alone_and_accumulation_on_the_host():
-    """``backward()`` without ``step(losses)``, and a step adding to gradients already in p.grad,
-    check finiteness on the host (a skipped backward writes nothing)."""
-    net, opt = _device_skip_setup("shared")
+@pytest.mark.parametrize("gram", sorted(BALANCING))
+def test_skip_on_device_defers_through_backward_clipping_and_accumulation(gram):
+    """``backward()`` per micro-batch, ``clip_grad_norm_``, then ``step()``: a poisoned second
+    micro-batch is added to p.grad, and the step skips on the device with parameters and
+    state untouched; the reads are the loss values with G of each balancing backward."""
+    net, opt = _device_skip_setup(gram)
     x = torch.randn(4, 8)
-    z, losses = net(x, poison=True)
-    report = opt.backward(losses, shared=z)
-    assert report.skipped and all(p.grad is None for p in net.parameters())
-    opt.zero_grad()
-    z, losses = net(x)
-    opt.backward(losses, shared=z)  # gradients now in p.grad
+    _device_step(net, opt, gram, x)  # the state exists
+    before = [p.detach().clone() for p in net.parameters()]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in net.parameters()}
     bench = _bench()
-    z, losses = net(x, poison=True)
+    reports = []
     with bench.HostSyncCounter(bench.host_state(opt)) as c:
-        report = opt.step(losses, shared=z)
-    assert report.skipped and c.where[:2] == ["cpu", "__bool__"]  # the flag read (then confirmed entry by entry)
+        opt.zero_grad()
+        for poison in (False, True):
+            z, losses = net(x, poison and gram in ("shared", "params"))
+            extra = (z * 0.0).abs().sqrt().sum() if poison and gram.startswith("exact") else None
+            reports.append(opt.backward(losses, shared=z if gram == "shared" else None, extra=extra))
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        assert opt.step() is None
+    assert c.where == ["cpu", "cpu"], c.where
+    assert [r.skipped for r in reports] == [False, True]
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    for p in net.parameters():
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state[id(p)].items())
+    # without the poison the same sequence steps
+    opt.zero_grad()
+    for _ in range(2):
+        z, losses = net(x)
+        assert opt.backward(losses, shared=z if gram == "shared" else None).skipped is False
+    opt.step()
+    assert not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
 
 
 def test_skip_on_device_is_refused_where_it_cannot_work():

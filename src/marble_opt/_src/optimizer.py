@@ -143,16 +143,18 @@ class MarbleOptimizer(torch.optim.Optimizer):
         skip_on_device: with a wrapped optimizer that can skip a step on the device
             (``torch.optim.Adam``, ``AdamW`` or ``SGD`` built with ``fused=True``), leave the
             finiteness check of the combined gradient to it instead of reading it on the
-            host: ``step(losses)`` then makes one device-to-host transfer per balancing step
-            (the loss values with G) for every Gram source. Non-finite losses and gradients
-            that G already shows are still skipped on the host as under ``"skip"``. A
-            non-finite combined gradient is caught by the optimizer's kernel (parameters and
-            its state untouched), but then ``p.grad`` keeps that gradient, the step hooks
-            run, and the weighting's state (the smoothed weights, ``num_steps``) advances as
-            if the step had been taken; ``report.skipped`` and ``report.reason`` are read
-            from the device when first accessed. Needs ``nonfinite="skip"``; not under
-            ``torch.distributed``; ``backward()`` alone, and a ``step(losses)`` that adds to
-            gradients already in ``p.grad``, check on the host as usual.
+            host: ``backward`` adds the gradient to ``p.grad`` whatever it holds and keeps
+            its finiteness on the device, and this optimizer's next ``step()`` hands it to
+            the wrapped one as ``found_inf`` (as ``GradScaler`` does). A balancing step then
+            makes one device-to-host transfer (the loss values with G) and a cached step
+            none, for every Gram source. Non-finite losses and gradients that G shows are
+            still skipped on the host as under ``"skip"``. A non-finite combined gradient
+            makes the optimizer's kernel skip (parameters and its state untouched), but
+            ``p.grad`` keeps that gradient, the step hooks run, and the weighting's state
+            (the smoothed weights, ``num_steps``) advances as if the step had been taken;
+            ``report.skipped`` and ``report.reason`` (and a cached step's ``report.losses``)
+            are read from the device when first accessed. Step through this optimizer, not
+            the wrapped one. Needs ``nonfinite="skip"``; not under ``torch.distributed``.
         process_group: the ranks of a data-parallel job to agree with. ``None``: the
             default group whenever ``torch.distributed`` is initialized; a
             ``ProcessGroup``: that one; ``False``: none (each rank balances its own batch).
@@ -232,7 +234,6 @@ class MarbleOptimizer(torch.optim.Optimizer):
         self.refresh_every = refresh_every
         self.nonfinite = nonfinite
         self.skip_on_device = skip_on_device
-        self._stepping = False  # inside step(losses): a deferred finiteness check may go to the wrapped step
         self._gram_name = gram
         self._estimator_name = gram_estimator
         self._names: tuple[str, ...] | None = None
@@ -315,7 +316,6 @@ class MarbleOptimizer(torch.optim.Optimizer):
         state = dict(state)
         state.setdefault("_skip_mark", None)
         state.setdefault("skip_on_device", False)  # pickled before the option existed
-        state.setdefault("_stepping", False)
         self.__dict__.update(state)
         self._patch_step_function()
 
@@ -454,6 +454,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
         extra: Tensor | None,
         groups: Any,
     ) -> BalanceReport:
+        if self.skip_on_device and self._comm.active:
+            raise ValueError("skip_on_device=True is not supported under torch.distributed: construct with False")
         if self._cross is not None:
             names, tensors, mask, per_sample = self._check_per_sample(losses, groups)
         else:
@@ -571,13 +573,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if losses is not None:
             if closure is not None:
                 raise ValueError("pass either losses or a closure to step(), not both")
-            if self.skip_on_device and self._comm.active:
-                raise ValueError("skip_on_device=True is not supported under torch.distributed: construct with False")
-            self._stepping = self.skip_on_device
-            try:
-                report = self.backward(losses, shared=shared, extra=extra, groups=groups)
-            finally:
-                self._stepping = False
+            report = self.backward(losses, shared=shared, extra=extra, groups=groups)
         elif shared is not None or extra is not None or groups is not None:
             raise ValueError("shared=, extra= and groups= need losses: step(losses, shared=..., extra=...)")
         if self._pending.skip:
@@ -906,7 +902,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         w = self._wstate.loss_weights
         assert w is not None
         alpha = self._wstate.alpha if self._wstate.alpha is not None else np.zeros(len(names))
-        if self._stepping and all(p.grad is None for p in params):
+        if self.skip_on_device:
             return self._apply_cached_on_device(names, local, tensors, params, extra, w, alpha)
         grad = CombinedGradient.compute(tensors, w, params, extra)
         flag = grad.finite_flag()
@@ -938,6 +934,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         ``p.grad``; whether it and the loss values are finite stays on the device for the
         wrapped step's ``found_inf``; the report reads the values when they are accessed."""
         grad = CombinedGradient.compute(tensors, w, params, extra)
+        grad.commit()
         flag = local.isfinite().all()
         grad_flag = grad.finite_flag()
         if grad_flag is not None:
@@ -1029,7 +1026,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         except Exception:
             self.source.release()
             raise
-        applied = self.source.apply(m.expand(result.w), m.apply_losses, params, extra, defer=self._stepping)
+        applied = self.source.apply(m.expand(result.w), m.apply_losses, params, extra, defer=self.skip_on_device)
         device_flag = None
         if isinstance(applied, Tensor):  # skip_on_device: the wrapped step reads it
             pending_flag = self._pending.device_flag

@@ -349,12 +349,12 @@ class GramSource(abc.ABC):
         """Accumulate ``Σ w_k ∇L_k (+ ∇extra)`` into ``p.grad``; False if not finite.
 
         Under ``torch.distributed`` this is an ordinary backward: DDP averages it.
-        ``defer`` (``skip_on_device``): when no parameter has a gradient yet, the gradient
-        is written whatever it holds and its finiteness returned as an on-device 0-dim bool
-        tensor (``finite_sums``), not read; otherwise as without it."""
-        if defer and not self.comm.active and all(p.grad is None for p in params):
+        ``defer`` (``skip_on_device``): the gradient is added whatever it holds and its
+        finiteness returned as an on-device 0-dim bool tensor (``finite_sums``), not read."""
+        if defer:
             grad = CombinedGradient.compute(losses, w, params, extra)
             flag = grad.finite_flag()
+            grad.commit()
             return True if flag is None else flag
         return combined_backward(losses, w, params, extra, in_place=self.comm.active)
 
@@ -501,7 +501,7 @@ class ExactSource(GramSource):
         proven = extra is None and norms is not None and _finite_combination(w[idx], norms[idx], buf.dtype)
         deferred: bool | Tensor = True
         if not proven:
-            if defer and not self.comm.active and all(p.grad is None for p in params):
+            if defer:
                 deferred = finite_sums([direction])  # read by the wrapped optimizer's step, on the device
             elif not all_finite([direction]):
                 return False
