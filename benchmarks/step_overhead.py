@@ -144,12 +144,12 @@ def sync(device: torch.device) -> None:
 Step = Callable[[tuple[Tensor, Tensor]], None]
 
 
-def adamw(params) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+def adamw(params, fused: bool = False) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=fused or None)
 
 
-def plain(model: Model) -> Step:
-    opt = adamw(model.parameters())
+def plain(model: Model, fused: bool = False) -> Step:
+    opt = adamw(model.parameters(), fused)
 
     def step(batch):
         _, losses = model(*batch)
@@ -540,10 +540,28 @@ class MlpCase:
 MLP_CASES = (
     MlpCase("6-layer MLP, D=384, batch 128, K=5", 384, 6, 128, 5, "plain", ("shared", "params")),
     MlpCase("4-layer MLP, D=512, batch 64, K=4", 512, 4, 64, 4, "kpass", ("exact", "exact-lean")),
+    MlpCase(
+        "6-layer MLP, D=384, batch 128, K=5, fused AdamW",
+        384,
+        6,
+        128,
+        5,
+        "plain-fused",
+        ("shared/fused", "shared/fused/skip_on_device"),
+    ),
 )
 MLP_QUICK = (
     MlpCase("6-layer MLP, D=32, batch 8, K=3", 32, 6, 8, 3, "plain", ("shared", "params")),
     MlpCase("4-layer MLP, D=32, batch 8, K=2", 32, 4, 8, 2, "kpass", ("exact", "exact-lean")),
+    MlpCase(
+        "6-layer MLP, D=32, batch 8, K=3, fused AdamW",
+        32,
+        6,
+        8,
+        3,
+        "plain-fused",
+        ("shared/fused", "shared/fused/skip_on_device"),
+    ),
 )
 
 
@@ -559,11 +577,17 @@ class Mlp(nn.Module):
 
 
 def mlp_step(case: MlpCase, method: str, model: Mlp) -> Step:
-    """One full step of ``method`` ("plain", "kpass" or a Gram source) on ``model``."""
-    if method in ("plain", "kpass"):
-        return (plain if method == "plain" else k_backward)(model)  # type: ignore[arg-type]
+    """One full step of ``method`` on ``model``: "plain", "plain-fused" (AdamW with
+    ``fused=True``), "kpass", or a Gram source, optionally with "/fused" (a fused AdamW) and
+    "/skip_on_device" (``MarbleOptimizer(skip_on_device=True)``)."""
+    if method in ("plain", "plain-fused", "kpass"):
+        if method == "kpass":
+            return k_backward(model)  # type: ignore[arg-type]
+        return plain(model, fused=method == "plain-fused")  # type: ignore[arg-type]
+    method, *flags = method.split("/")
     kwargs = {"gram_params": list(model.trunk[-2].parameters())} if method == "params" else {}
-    opt = MarbleOptimizer(adamw(model.parameters()), gram=method, **kwargs)
+    base = adamw(model.parameters(), fused="fused" in flags)
+    opt = MarbleOptimizer(base, gram=method, skip_on_device="skip_on_device" in flags, **kwargs)
 
     def step(batch):
         z, losses = model(*batch)
@@ -753,9 +777,9 @@ def time_mlp_case(
             counter += 1
     med = [statistics.median(t) for t in times]
     syncs = [count_host_syncs(s, batches[0], device) for s in steps]
-    names = {"plain": PLAIN, "kpass": KPASS}
+    names = {"plain": PLAIN, "plain-fused": "plain AdamW, fused=True (Σ L_k)", "kpass": KPASS}
     return [
-        {"method": names.get(m, f"marble {m}"), "ms": 1e3 * t, "ratio": t / med[0], "syncs": n}
+        {"method": names.get(m, "marble " + m.replace("/", ", ")), "ms": 1e3 * t, "ratio": t / med[0], "syncs": n}
         for m, t, n in zip(labels, med, syncs)
     ]
 

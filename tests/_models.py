@@ -99,9 +99,9 @@ def optimizer(
     skip_on_device: bool = False,
 ) -> MarbleOptimizer:
     """``normalize`` and ``ema_decay`` are MARBLE's options: used only with ``weighting="marble"``.
-    ``base``: ``"adamw"``, ``"adamw-fused"`` (what ``skip_on_device`` needs) or ``"sgd"``."""
-    if base == "sgd":
-        inner = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    ``base``: ``"adamw"``, ``"sgd"``, or ``"adamw-fused"``, ``"sgd-fused"`` (what ``skip_on_device`` needs)."""
+    if base.startswith("sgd"):
+        inner = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, fused=base == "sgd-fused" or None)
     else:
         inner = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=base == "adamw-fused" or None)
     marble = {"normalize": normalize, "ema_decay": ema_decay} if weighting == "marble" else {}

@@ -12,6 +12,8 @@ Also here: the proof that lets ``exact`` skip its finiteness pass over the updat
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -321,7 +323,7 @@ def test_a_non_finite_gradient_is_skipped_on_the_device_untouched(gram, with_ext
     report, where = _device_step(net, opt, gram, x, poison=True, with_extra=with_extra)
     assert where == ["cpu"], where
     assert report.skipped is True
-    assert "skipped its step on the device" in report.reason
+    assert "skips its step on the device" in report.reason
     assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
     for p in net.parameters():
         assert opt.state[p].keys() == state[id(p)].keys()
@@ -386,10 +388,13 @@ def test_skip_on_device_reads_nothing_on_a_cached_step(gram):
     net, opt = _device_skip_setup(gram)
     opt.refresh_every = 2
     x = torch.randn(4, 8)
+    _, where = _device_step(net, opt, gram, x)  # the first step: its flag is read (no state yet)
+    assert where in (["cpu", "__bool__"], ["cpu"]), where
+    _device_step(net, opt, gram, x)  # cached
     _, where = _device_step(net, opt, gram, x)  # solve
     assert where == ["cpu"]
     report, where = _device_step(net, opt, gram, x, with_extra=True)  # cached
-    assert where == [] and not report.solved and opt.num_steps == 2
+    assert where == [] and not report.solved and opt.num_steps == 4
     z, losses = net(x)
     assert report.losses.keys() == losses.keys() and all(v > 0 for v in report.losses.values())
     assert report.skipped is False and report.reason == ""
@@ -415,3 +420,118 @@ def test_skip_on_device_skips_a_cached_step_with_a_nan_loss_untouched(gram):
     assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
     for p in net.parameters():
         assert all(torch.equal(opt.state[p][k], v) for k, v in state[id(p)].items())
+
+
+# ---- skip_on_device: the cases a review found ----------------------------------------------------
+@pytest.mark.parametrize("optimizer", sorted(FUSED))
+@pytest.mark.parametrize("gram", ["shared", "exact"])
+def test_skip_on_device_skipping_a_first_step_creates_no_state(gram, optimizer):
+    """A fused kernel creates state (SGD: an uninitialised momentum buffer) even on a skipped
+    step: a first step's flag is read on the host instead, and a skip leaves the state empty."""
+    net, opt = _device_skip_setup(gram, optimizer)
+    x = torch.randn(4, 8)
+    before = [p.detach().clone() for p in net.parameters()]
+    report, where = _device_step(net, opt, gram, x, poison=True, with_extra=gram == "exact")
+    assert report.skipped is True and where[-1] == "__bool__"
+    assert len(opt.state) == 0 and opt.num_steps == 0
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    report, _ = _device_step(net, opt, gram, x)
+    assert report.skipped is False and all(torch.isfinite(p).all() for p in net.parameters())
+    assert len(opt.state) == len(list(net.parameters()))
+
+
+@pytest.mark.parametrize("gram", ["shared", "exact"])
+def test_skip_on_device_checks_every_gradient_not_only_the_new_one(gram):
+    """Without zero_grad() after a device skip, the NaN left in p.grad still skips the next
+    step (the check covers every p.grad), and nothing non-finite reaches the parameters."""
+    net, opt = _device_skip_setup(gram)
+    x = torch.randn(4, 8)
+    _device_step(net, opt, gram, x)
+    before = [p.detach().clone() for p in net.parameters()]
+    report, _ = _device_step(net, opt, gram, x, poison=True, with_extra=gram == "exact")
+    assert report.skipped is True
+    z, losses = net(x)
+    report = opt.step(losses, shared=z if gram == "shared" else None)  # no zero_grad: the NaN is still there
+    assert report.skipped is True and "skips its step on the device" in report.reason
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    # a host skip (NaN loss) then a deferred NaN gradient: the next step still sees it
+    opt.zero_grad()
+    z, losses = net(x)
+    assert opt.backward(
+        {k: v * float("nan") for k, v in losses.items()}, shared=z if gram == "shared" else None
+    ).skipped
+    z, losses = net(x, gram == "shared")
+    extra = (z * 0.0).abs().sqrt().sum() if gram == "exact" else None
+    opt.step(losses, shared=z if gram == "shared" else None, extra=extra)  # stopped by the earlier skip
+    z, losses = net(x)
+    opt.step(losses, shared=z if gram == "shared" else None)
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_skip_on_device_runs_a_closure_before_checking():
+    """``step(closure)``: the closure's backward is checked too (it runs first)."""
+    net, opt = _device_skip_setup("shared")
+    x = torch.randn(4, 8)
+    _device_step(net, opt, "shared", x)
+    before = [p.detach().clone() for p in net.parameters()]
+
+    def closure(poison=True):
+        opt.zero_grad()
+        z, losses = net(x, poison)
+        opt.backward(losses, shared=z)
+        return sum(losses.values())
+
+    loss = opt.step(closure)
+    assert torch.isfinite(loss)
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    opt.step(lambda: closure(poison=False))
+    assert not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
+def test_skip_on_device_forgets_the_flag_of_an_abandoned_accumulation():
+    """A cached micro-batch with a NaN loss, then the gradients are cleared by the model:
+    the next accumulation steps (the flag went with its gradients)."""
+    net, opt = _device_skip_setup("shared")
+    opt.refresh_every = 2
+    x = torch.randn(4, 8)
+    _device_step(net, opt, "shared", x)  # solve
+    opt.zero_grad()
+    z, losses = net(x)
+    opt.backward({k: v * (float("nan") if k == "l1" else 1.0) for k, v in losses.items()}, shared=z)  # cached
+    net.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in net.parameters()]
+    z, losses = net(x)
+    assert opt.backward(losses, shared=z).skipped is False
+    opt.step()
+    assert not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
+def test_skip_on_device_does_not_skip_a_large_finite_gradient():
+    """The check is exact entry by entry: a finite gradient whose sum overflows float32 steps."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    for on_device in (False, True):
+        model = copy.deepcopy(lin)
+        opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=1e-40, fused=True), skip_on_device=on_device)
+        for _ in range(2):
+            out = model(torch.ones(2, 4))
+            # (with an extra loss, so that exact's update is not proven finite from G)
+            report = opt.step({"a": 1e38 * out[:, 0].sum(), "b": 1e38 * out[:, 1].sum()}, extra=out[:, 2].mean())
+            assert report.skipped is False
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_skip_on_device_refuses_a_group_that_cannot_skip():
+    net = _Net()
+    opt = MarbleOptimizer(FUSED["adamw"](list(net.first.parameters())), skip_on_device=True)
+    with pytest.raises(ValueError, match=r"fused=\[True, False\]"):
+        opt.add_param_group({"params": list(net.last.parameters()), "fused": False})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": list(net.last.parameters()), "fused": True})
+    opt.param_groups[1]["fused"] = False  # changed behind its back: refused before anything steps
+    z, losses = net(torch.randn(4, 8))
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match="skip_on_device=True needs"):
+        opt.step(losses)
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))

@@ -122,23 +122,28 @@ def test_a_skipped_step_leaves_everything_untouched(gram: str, policy: str, refr
     assert_untouched(before, params, opt, nan_grads=policy == "propagate")
 
 
-@pytest.mark.parametrize("kind", ["loss", "grad"])
+@pytest.mark.parametrize("base", ["adamw-fused", "sgd-fused"])
+@pytest.mark.parametrize("kind", ["loss", "grad", "extra"])
 @pytest.mark.parametrize("refresh_every", REFRESH)
 @pytest.mark.parametrize("gram", SOURCES)
-def test_skip_on_device_keeps_the_skip_guarantee(gram: str, refresh_every: int, kind: str) -> None:
-    """With a fused AdamW that skips on the device: a poisoned step(losses) after a real one
-    (cached for refresh_every=3) leaves parameters and the optimizer's state bit-identical,
-    and the report says skipped."""
+def test_skip_on_device_keeps_the_skip_guarantee(gram: str, refresh_every: int, kind: str, base: str) -> None:
+    """With a fused optimizer that skips on the device: a poisoned step(losses) after a real
+    one (cached for refresh_every=3) leaves parameters and the optimizer's state
+    bit-identical, and the report says skipped. ``"extra"``: a NaN gradient through the
+    extra loss, which G does not measure: the device's check is the one that skips."""
     net = model(3)
     params = list(net.parameters())
-    opt = optimizer(net, gram, refresh_every=refresh_every, ema_decay=0.5, base="adamw-fused", skip_on_device=True)
+    opt = optimizer(net, gram, refresh_every=refresh_every, ema_decay=0.5, base=base, skip_on_device=True)
     losses, z = objectives(net, batch(0))
     assert not opt.step(losses, **shared_kw(gram, z)).skipped
     opt.zero_grad()
     before = [p.detach().clone() for p in params]
     state = copy.deepcopy(opt.optimizer.state_dict()["state"])
     losses, z = objectives(net, batch(2))
-    report = opt.step(_poison(losses, z, ("b",), kind), **shared_kw(gram, z))
+    if kind == "extra":
+        report = opt.step(losses, extra=torch.sqrt(0.0 * z.sum()), **shared_kw(gram, z))
+    else:
+        report = opt.step(_poison(losses, z, ("b",), kind), **shared_kw(gram, z))
     assert report.skipped and report.reason
     assert all(torch.equal(a, p) for a, p in zip(before, params))
     after = opt.optimizer.state_dict()["state"]
@@ -147,19 +152,18 @@ def test_skip_on_device_keeps_the_skip_guarantee(gram: str, refresh_every: int, 
         assert all(torch.equal(entry[k], after[i][k]) for k in entry)
 
 
+@pytest.mark.parametrize("base", ["adamw-fused", "sgd-fused"])
 @pytest.mark.parametrize("refresh_every", REFRESH)
 @pytest.mark.parametrize("gram", SOURCES)
 @_SETTINGS
 @given(seed=st.integers(0, 10_000))
-def test_skip_on_device_takes_the_same_steps(gram: str, refresh_every: int, seed: int) -> None:
+def test_skip_on_device_takes_the_same_steps(gram: str, refresh_every: int, base: str, seed: int) -> None:
     """On finite steps, leaving the check to the fused optimizer changes nothing: the same
     parameters, weights and reports as checking on the host, bit for bit."""
     runs = []
     for on_device in (False, True):
         net = model(seed)
-        opt = optimizer(
-            net, gram, refresh_every=refresh_every, ema_decay=0.5, base="adamw-fused", skip_on_device=on_device
-        )
+        opt = optimizer(net, gram, refresh_every=refresh_every, ema_decay=0.5, base=base, skip_on_device=on_device)
         reports = []
         for i in range(4):
             opt.zero_grad()

@@ -24,6 +24,7 @@ from .sources import (
     GramSource,
     all_finite,
     combined_backward,
+    device_finite,
     make_source,
 )
 from .weightings import MarbleWeighting, Weighting, WeightingResult, WeightingState, make_weighting
@@ -67,8 +68,8 @@ class _Pending:
         self.results: list[WeightingResult] = []
         self.crosses: list[np.ndarray] = []
         self.skip = False
-        #: ``skip_on_device``: whether the gradient written is finite, on the device, unread
-        #: (the wrapped fused optimizer's ``found_inf`` is its negation).
+        #: ``skip_on_device``: whether the loss values of the cached steps were finite, on the
+        #: device, unread (the step's check of every ``p.grad`` is AND-ed with it).
         self.device_flag: Tensor | None = None
 
     @property
@@ -141,20 +142,23 @@ class MarbleOptimizer(torch.optim.Optimizer):
             as ``loss.backward()`` would: use it with fp16 ``GradScaler``, which then sees
             the overflow, skips its step and lowers its scale.
         skip_on_device: with a wrapped optimizer that can skip a step on the device
-            (``torch.optim.Adam``, ``AdamW`` or ``SGD`` built with ``fused=True``), leave the
-            finiteness check of the combined gradient to it instead of reading it on the
-            host: ``backward`` adds the gradient to ``p.grad`` whatever it holds and keeps
-            its finiteness on the device, and this optimizer's next ``step()`` hands it to
-            the wrapped one as ``found_inf`` (as ``GradScaler`` does). A balancing step then
-            makes one device-to-host transfer (the loss values with G) and a cached step
-            none, for every Gram source. Non-finite losses and gradients that G shows are
-            still skipped on the host as under ``"skip"``. A non-finite combined gradient
-            makes the optimizer's kernel skip (parameters and its state untouched), but
-            ``p.grad`` keeps that gradient, the step hooks run, and the weighting's state
-            (the smoothed weights, ``num_steps``) advances as if the step had been taken;
-            ``report.skipped`` and ``report.reason`` (and a cached step's ``report.losses``)
-            are read from the device when first accessed. Step through this optimizer, not
-            the wrapped one. Needs ``nonfinite="skip"``; not under ``torch.distributed``.
+            (``torch.optim.Adam``, ``AdamW`` or ``SGD`` built with ``fused=True``, or any whose
+            fused step reads ``found_inf``), check finiteness there instead of on the host:
+            ``backward`` adds the gradient to ``p.grad`` whatever it holds, and this
+            optimizer's ``step()`` checks every ``p.grad`` entry by entry on the device and
+            hands the result to the wrapped step as ``found_inf`` (as ``GradScaler`` does). A
+            balancing step then makes one device-to-host transfer (the loss values with G)
+            and a cached step none, for every Gram source. Non-finite losses and gradients
+            that G shows are still skipped on the host as under ``"skip"``; on a first step
+            (no optimizer state yet, which the fused kernel would create even when skipping)
+            the flag is read on the host. Otherwise a non-finite gradient makes the kernel
+            skip (parameters and its state untouched), but ``p.grad`` keeps it (call
+            ``zero_grad()``: until then every step skips), the step hooks run, and the
+            weighting's state (the smoothed weights, ``num_steps``) advances as if the step
+            had been taken; ``report.skipped`` and ``report.reason`` (and a cached step's
+            ``report.losses``) are read from the device when first accessed. A closure runs
+            before the check. Step through this optimizer, not the wrapped one. Needs
+            ``nonfinite="skip"``; not under ``torch.distributed``.
         process_group: the ranks of a data-parallel job to agree with. ``None``: the
             default group whenever ``torch.distributed`` is initialized; a
             ``ProcessGroup``: that one; ``False``: none (each rank balances its own batch).
@@ -234,6 +238,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
         self.refresh_every = refresh_every
         self.nonfinite = nonfinite
         self.skip_on_device = skip_on_device
+        self._stepping = False  # inside step(losses) with skip_on_device: the step checks p.grad
+        self._step_flag: Tensor | None = None  # that check, for step(losses)'s report
+        self._verdict: _DeviceVerdict | None = None  # the last backward's, for step(losses) to fill
         self._gram_name = gram
         self._estimator_name = gram_estimator
         self._names: tuple[str, ...] | None = None
@@ -316,6 +323,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
         state = dict(state)
         state.setdefault("_skip_mark", None)
         state.setdefault("skip_on_device", False)  # pickled before the option existed
+        state.setdefault("_stepping", False)
+        state.setdefault("_step_flag", None)
+        state.setdefault("_verdict", None)
         self.__dict__.update(state)
         self._patch_step_function()
 
@@ -363,6 +373,12 @@ class MarbleOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
+        if self.skip_on_device:
+            try:
+                self._check_device_skip(self.optimizer, self.nonfinite)
+            except ValueError:
+                self.optimizer.param_groups.pop()
+                raise
 
     def __repr__(self) -> str:
         w = self._weighting
@@ -471,6 +487,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if gram_params is not None:  # frozen since construction?
             self._check_gram_params(self.optimizer, gram_params)
         params = self._trainable_params()
+        if self._pending.device_flag is not None and all(p.grad is None for p in params):
+            self._pending.device_flag = None  # its gradients are gone: an abandoned accumulation
         # The K loss values (and extra's) in one float64 tensor: one conversion, one transfer
         # (float32/16 -> float64 is exact, so the values are those of a per-loss .double()).
         local = torch.stack([t.detach() for t in tensors] + ([extra.detach()] if extra is not None else []))
@@ -573,7 +591,11 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if losses is not None:
             if closure is not None:
                 raise ValueError("pass either losses or a closure to step(), not both")
-            report = self.backward(losses, shared=shared, extra=extra, groups=groups)
+            self._stepping = self.skip_on_device  # the step checks p.grad: backward need not
+            try:
+                report = self.backward(losses, shared=shared, extra=extra, groups=groups)
+            finally:
+                self._stepping = False
         elif shared is not None or extra is not None or groups is not None:
             raise ValueError("shared=, extra= and groups= need losses: step(losses, shared=..., extra=...)")
         if self._pending.skip:
@@ -583,7 +605,12 @@ class MarbleOptimizer(torch.optim.Optimizer):
                 reason = "a backward() earlier in this accumulation skipped; no step was taken"
                 report = dataclasses.replace(report, skipped=True, reason=reason)
             return report
+        self._step_flag = None
         out = self._hooked_step(closure)
+        flag, self._step_flag = self._step_flag, None
+        verdict, self._verdict = self._verdict, None
+        if verdict is not None and flag is not None:  # skip_on_device: the report tells the step's check
+            verdict.flag = flag
         return report if losses is not None else out
 
     # torch.optim.Optimizer would wrap ``step`` to run the step hooks around the whole call,
@@ -607,26 +634,50 @@ class MarbleOptimizer(torch.optim.Optimizer):
                         )
                     args, kwargs = result
             closure = kwargs.get("closure")
-            flag = self._pending.device_flag
-            if flag is None:
-                out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            if self.skip_on_device:
+                stepped, out = self._step_on_device(closure)
+                if not stepped:  # a first step with a non-finite gradient, seen on the host
+                    self._pending = _Pending()
+                    return out
             else:
-                out = self._step_found_inf(flag, closure)
+                out = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
             self._commit()
             for hook in chain(self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()):
                 hook(self, args, kwargs)
         return out
 
-    def _step_found_inf(self, flag: Tensor, closure: Callable[[], Any] | None) -> Any:
-        """The wrapped (fused) step told ``found_inf = not flag``: its kernel leaves parameters
-        and state untouched when the gradient is not finite, with no host read (the way
-        ``GradScaler`` hands it over; attributes it had are restored)."""
+    def _step_on_device(self, closure: Callable[[], Any] | None) -> tuple[bool, Any]:
+        """``skip_on_device``: the wrapped (fused) step told ``found_inf`` = some ``p.grad`` (or a
+        cached step's loss value) is not finite, checked on the device entry by entry: its
+        kernel then leaves parameters and state untouched, with no host read (the way
+        ``GradScaler`` hands it over; attributes the optimizer had are restored). A closure runs
+        first, so that the check sees the gradient it computes. Where some parameter with a
+        gradient has no state yet (a first step, whose state the kernel would create even when
+        skipping), the flag is read on the host instead: ``(False, None)`` for a skip."""
         opt = self.optimizer
+        self._check_device_skip(opt, self.nonfinite)  # a group added or changed since
+        out = None
+        if closure is not None:
+            with torch.enable_grad():
+                out = closure()
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return True, opt.step()
+        flag = device_finite([p.grad for p in params])
+        if self._pending.device_flag is not None:
+            flag = flag & self._pending.device_flag.to(flag.device)
+        self._step_flag = flag
+        if any(not opt.state.get(p) for p in params):
+            if not bool(flag):
+                return False, out
+            opt.step()
+            return True, out
         saved = {name: opt.__dict__[name] for name in ("found_inf", "grad_scale") if name in opt.__dict__}
         opt.found_inf = (~flag).to(torch.float32)
         opt.grad_scale = None
         try:
-            return opt.step(closure) if closure is not None else opt.step()
+            opt.step()
+            return True, out
         finally:
             for name in ("found_inf", "grad_scale"):
                 if name in saved:
@@ -934,16 +985,16 @@ class MarbleOptimizer(torch.optim.Optimizer):
         ``p.grad``; whether it and the loss values are finite stays on the device for the
         wrapped step's ``found_inf``; the report reads the values when they are accessed."""
         grad = CombinedGradient.compute(tensors, w, params, extra)
+        grad_flag = device_finite(grad.present) if grad.present and not self._stepping else None
         grad.commit()
-        flag = local.isfinite().all()
-        grad_flag = grad.finite_flag()
-        if grad_flag is not None:
-            flag = flag & grad_flag.to(flag.device)
-        self._pending.device_flag = flag if self._pending.device_flag is None else self._pending.device_flag & flag
+        loss_flag = local.isfinite().all()
+        pending = self._pending.device_flag
+        self._pending.device_flag = loss_flag if pending is None else pending & loss_flag
+        flag = loss_flag if grad_flag is None else loss_flag & grad_flag.to(loss_flag.device)
+        verdict = self._verdict = _DeviceVerdict(flag, "", "loss or gradient")
         report = self._report(
-            names, np.zeros(len(names)), weights=alpha, loss_weights=w, status="cached", device_flag=flag
+            names, np.zeros(len(names)), weights=alpha, loss_weights=w, status="cached", verdict=verdict
         )
-        object.__setattr__(report, "reason", _Deferred(lambda: _device_reason(flag, "", "loss or gradient")))
         host: list[np.ndarray] = []
 
         def values() -> dict[str, float]:
@@ -1026,12 +1077,13 @@ class MarbleOptimizer(torch.optim.Optimizer):
         except Exception:
             self.source.release()
             raise
-        applied = self.source.apply(m.expand(result.w), m.apply_losses, params, extra, defer=self.skip_on_device)
-        device_flag = None
-        if isinstance(applied, Tensor):  # skip_on_device: the wrapped step reads it
-            pending_flag = self._pending.device_flag
-            device_flag = applied if pending_flag is None else pending_flag & applied
-            self._pending.device_flag = device_flag
+        defer = ("quiet" if self._stepping else True) if self.skip_on_device else False
+        applied = self.source.apply(m.expand(result.w), m.apply_losses, params, extra, defer=defer)
+        verdict = None
+        if self.skip_on_device:  # the report reads this backward's flag, or step(losses)'s own check
+            verdict = self._verdict = _DeviceVerdict(
+                applied if isinstance(applied, Tensor) else None, "; ".join(reasons)
+            )
         elif not self._comm.all_true(applied, tensors[0].device):
             return self._nonfinite(names, values, "non-finite gradient of the combined loss")
         self._pending.results.append(result)
@@ -1050,7 +1102,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
             status=result.status,
             reason="; ".join(reasons),
             consistency=m.consistency,
-            device_flag=device_flag,
+            verdict=verdict,
         )
 
     def _commit(self) -> None:
@@ -1080,7 +1132,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         status: str,
         reason: str = "",
         consistency: np.ndarray | None = None,
-        device_flag: Tensor | None = None,
+        verdict: _DeviceVerdict | None = None,
     ) -> BalanceReport:
         if self._names is None:  # the first call that gets this far fixes the objectives
             self._names = names
@@ -1123,17 +1175,31 @@ class MarbleOptimizer(torch.optim.Optimizer):
             update_cosine=_Deferred(lambda: named(cosines()[1])) if measured else {},
             mean_cosine=_Deferred(lambda: named(cosines()[2])) if measured else {},
             excluded=excluded,
-            skipped=skipped if device_flag is None else _Deferred(lambda: not bool(device_flag)),
+            skipped=skipped if verdict is None else _Deferred(verdict.skipped),
             solved=raw is not None,
             solver_status=status,
-            reason=reason if device_flag is None else _Deferred(lambda: _device_reason(device_flag, reason)),
+            reason=reason if verdict is None else _Deferred(verdict.reason),
             self_consistency=named(consistency),
         )
 
 
-def _device_reason(flag: Tensor, reason: str, what: str = "gradient of the combined loss") -> str:
-    """``report.reason`` of a step whose finiteness check the wrapped optimizer made on the device."""
-    if bool(flag):
-        return reason
-    skipped = f"non-finite {what} (the wrapped optimizer skipped its step on the device)"
-    return f"{reason}; {skipped}" if reason else skipped
+class _DeviceVerdict:
+    """``skip_on_device``: what a report's ``skipped`` and ``reason`` read when first accessed.
+
+    ``flag``: an on-device 0-dim bool, True when finite: the gradient this ``backward`` added
+    (and a cached step's loss values), replaced by the step's own check of every ``p.grad``
+    when ``step(losses)`` steps; None: nothing was found non-finite."""
+
+    def __init__(self, flag: Tensor | None, reason: str, what: str = "gradient") -> None:
+        self.flag = flag
+        self.base = reason
+        self.what = what
+
+    def skipped(self) -> bool:
+        return self.flag is not None and not bool(self.flag)
+
+    def reason(self) -> str:
+        if not self.skipped():
+            return self.base
+        skipped = f"non-finite {self.what} (the wrapped optimizer skips its step on the device)"
+        return f"{self.base}; {skipped}" if self.base else skipped

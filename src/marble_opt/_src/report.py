@@ -28,12 +28,19 @@ class _LazyField:
     which a training loop rarely reads: computing them on every step cost ~0.1 ms; and under
     ``skip_on_device`` for ``skipped`` and ``reason``, which wait for the device when read."""
 
+    _NO_DEFAULT = object()
+
+    def __init__(self, default: Any = _NO_DEFAULT) -> None:
+        self.default = default
+
     def __set_name__(self, owner: type, name: str) -> None:
         self.slot = "_lazy_" + name
 
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:  # the dataclass asks for a default: there is none
-            raise AttributeError(self.slot)
+        if obj is None:  # the dataclass asks for the field's default
+            if self.default is _LazyField._NO_DEFAULT:
+                raise AttributeError(self.slot)
+            return self.default
         value = obj.__dict__[self.slot]
         if isinstance(value, _Deferred):
             value = value.fn()
@@ -101,7 +108,7 @@ class BalanceReport:
     skipped: bool = _LazyField()  # type: ignore[assignment]
     solved: bool
     solver_status: str
-    reason: str = _LazyField()  # type: ignore[assignment]
+    reason: str = _LazyField(default="")  # type: ignore[assignment]
     self_consistency: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

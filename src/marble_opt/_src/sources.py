@@ -50,6 +50,7 @@ __all__ = [
     "SharedSource",
     "all_finite",
     "CombinedGradient",
+    "device_finite",
     "combined_backward",
     "make_source",
 ]
@@ -160,6 +161,28 @@ def entrywise_finite(tensors: Sequence[Tensor]) -> bool:
     device = tensors[0].device
     flags = [t.isfinite().all() for t in tensors]
     return bool(torch.stack([f.to(device) for f in flags]).all())
+
+
+def device_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """Whether every entry of every tensor is finite, as a 0-dim bool tensor on the first
+    tensor's device, with no host read; exact entry by entry (a sum can overflow on finite
+    values). ``GradScaler``'s fused check, one kernel per device and dtype (it multiplies by
+    1.0 in place, which leaves every value as it was); ``isfinite().all()`` per tensor where
+    that kernel refuses a dtype."""
+    device = tensors[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        t = torch.view_as_real(t) if t.is_complex() else t
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    found = []
+    for (dev, _), group in groups.items():
+        inf = torch.zeros((), dtype=torch.float32, device=dev)
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(group, inf, torch.ones((), device=dev))
+        except (RuntimeError, NotImplementedError):
+            inf = (~torch.stack([t.isfinite().all() for t in group]).all()).to(torch.float32)
+        found.append(inf.to(device, non_blocking=True))
+    return torch.stack(found).sum() == 0
 
 
 def _weighted_sum(losses: Sequence[Tensor], w: np.ndarray, extra: Tensor | None) -> Tensor | None:
@@ -344,16 +367,17 @@ class GramSource(abc.ABC):
         params: Sequence[Tensor],
         extra: Tensor | None,
         *,
-        defer: bool = False,
+        defer: bool | str = False,
     ) -> bool | Tensor:
         """Accumulate ``Σ w_k ∇L_k (+ ∇extra)`` into ``p.grad``; False if not finite.
 
         Under ``torch.distributed`` this is an ordinary backward: DDP averages it.
-        ``defer`` (``skip_on_device``): the gradient is added whatever it holds and its
-        finiteness returned as an on-device 0-dim bool tensor (``finite_sums``), not read."""
+        ``defer`` (``skip_on_device``): the gradient is added whatever it holds, and its
+        finiteness returned as an on-device 0-dim bool tensor (``device_finite``), not read;
+        ``defer="quiet"``: not even computed (the step checks every ``p.grad`` itself)."""
         if defer:
             grad = CombinedGradient.compute(losses, w, params, extra)
-            flag = grad.finite_flag()
+            flag = device_finite(grad.present) if defer != "quiet" and grad.present else None
             grad.commit()
             return True if flag is None else flag
         return combined_backward(losses, w, params, extra, in_place=self.comm.active)
@@ -501,8 +525,8 @@ class ExactSource(GramSource):
         proven = extra is None and norms is not None and _finite_combination(w[idx], norms[idx], buf.dtype)
         deferred: bool | Tensor = True
         if not proven:
-            if defer:
-                deferred = finite_sums([direction])  # read by the wrapped optimizer's step, on the device
+            if defer:  # the step checks p.grad on the device
+                deferred = True if defer == "quiet" else device_finite([direction])
             elif not all_finite([direction]):
                 return False
         if self.comm.active:  # ranks may differ in which parameters they reach
