@@ -13,6 +13,7 @@ Also here: the proof that lets ``exact`` skip its finiteness pass over the updat
 from __future__ import annotations
 
 import copy
+import io
 
 import numpy as np
 import pytest
@@ -535,3 +536,65 @@ def test_skip_on_device_refuses_a_group_that_cannot_skip():
     with pytest.raises(ValueError, match="skip_on_device=True needs"):
         opt.step(losses)
     assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
+def test_skip_on_device_survives_copies_and_keeps_a_pending_flag():
+    """deepcopy and torch.save/load (which drop torch's fused marker) still step, and a cached
+    micro-batch's NaN-loss flag pending at the copy still skips the step."""
+    net, opt = _device_skip_setup("shared")
+    opt.refresh_every = 2
+    x = torch.randn(4, 8)
+    _device_step(net, opt, "shared", x)  # solve
+    opt.zero_grad()
+    z, losses = net(x)
+    opt.backward({**losses, "l1": losses["l1"] * float("nan")}, shared=z)  # cached: the flag waits for step()
+    buffer = io.BytesIO()
+    torch.save((net, opt), buffer)
+    buffer.seek(0)
+    for copied_net, copied_opt in (copy.deepcopy((net, opt)), torch.load(buffer, weights_only=False)):
+        before = [p.detach().clone() for p in copied_net.parameters()]
+        copied_opt.step()
+        assert all(torch.equal(a, p) for a, p in zip(before, copied_net.parameters()))
+        copied_opt.zero_grad()
+        z, losses = copied_net(x)
+        assert copied_opt.step(losses, shared=z).skipped is False
+        assert not all(torch.equal(a, p) for a, p in zip(before, copied_net.parameters()))
+
+
+def test_skip_on_device_forgets_a_flag_whose_gradients_were_zeroed_in_place():
+    net, opt = _device_skip_setup("shared")
+    opt.refresh_every = 2
+    x = torch.randn(4, 8)
+    _device_step(net, opt, "shared", x)  # solve
+    opt.zero_grad()
+    z, losses = net(x)
+    opt.backward(losses, shared=z)  # cached, finite
+    z, losses = net(x)
+    opt.backward({**losses, "l1": losses["l1"] * float("nan")}, shared=z)  # cached, NaN loss
+    net.zero_grad(set_to_none=False)  # the accumulation is abandoned, its gradients zeroed in place
+    before = [p.detach().clone() for p in net.parameters()]
+    z, losses = net(x)
+    opt.backward(losses, shared=z)
+    opt.step()
+    assert not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
+def test_skip_on_device_with_momentum_free_sgd_reads_nothing_more_after_the_first_step():
+    """SGD without momentum keeps no state: its steps are never first steps for the check."""
+    net = _Net()
+    opt = MarbleOptimizer(torch.optim.SGD(net.parameters(), lr=1e-2, fused=True), gram="shared", skip_on_device=True)
+    x = torch.randn(4, 8)
+    for _ in range(3):
+        _, where = _device_step(net, opt, "shared", x)
+        assert where == ["cpu"], where
+    report, where = _device_step(net, opt, "shared", x, poison=True)
+    assert where == ["cpu"] and report.skipped is True and len(opt.state) == 0
+
+
+def test_a_report_pickled_before_its_fields_were_lazy_still_reads():
+    net, opt = _device_skip_setup("shared")
+    report, _ = _device_step(net, opt, "shared", torch.randn(4, 8))
+    losses, skipped, reason = report.losses, report.skipped, report.reason
+    for name in ("losses", "skipped", "reason"):  # as an older version stored them
+        report.__dict__[name] = report.__dict__.pop(f"_lazy_{name}")
+    assert (report.losses, report.skipped, report.reason) == (losses, skipped, reason)

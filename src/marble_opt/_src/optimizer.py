@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import weakref
 from collections import OrderedDict
@@ -71,6 +72,7 @@ class _Pending:
         #: ``skip_on_device``: whether the loss values of the cached steps were finite, on the
         #: device, unread (the step's check of every ``p.grad`` is AND-ed with it).
         self.device_flag: Tensor | None = None
+        self.device_mark: _GradMark | None = None  # the gradients as the last backward left them
 
     @property
     def count(self) -> int:
@@ -256,7 +258,10 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if nonfinite != "skip":
             raise ValueError(f"skip_on_device=True works with nonfinite='skip', not nonfinite={nonfinite!r}")
         fused = [group.get("fused") for group in optimizer.param_groups]
-        if not getattr(optimizer, "_step_supports_amp_scaling", False) or not all(fused):
+        # The marker torch sets on fused optimizers is not pickled: the classes known to read
+        # found_inf in their fused step count too.
+        known = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad))
+        if not (known or getattr(optimizer, "_step_supports_amp_scaling", False)) or not all(fused):
             raise ValueError(
                 f"skip_on_device=True needs a wrapped optimizer that skips a step on the device when told "
                 f"found_inf: torch.optim.Adam, AdamW or SGD built with fused=True; got {type(optimizer).__name__} "
@@ -314,6 +319,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
         # (the weighting drops its solver's OSQP workspaces itself; they are rebuilt on demand).
         state = self.__dict__.copy()
         state["_skip_mark"] = None  # weak references: a restored skip is kept (it cannot be judged stale)
+        if state["_pending"].device_mark is not None:  # the same for a pending loss flag
+            state["_pending"] = copy.copy(state["_pending"])
+            state["_pending"].device_mark = None
         # An LR scheduler replaces self.step by a wrapper bound to *this* object (unpicklable,
         # and a deepcopy would step the original); torch.optim.Optimizer never copies it.
         state.pop("step", None)
@@ -454,6 +462,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
         report = self._backward(losses, shared, extra, groups)
         if self._pending.skip:
             self._skip_mark = _grad_mark(self._trainable_params())
+        if self._pending.device_flag is not None:
+            self._pending.device_mark = _grad_mark(self._trainable_params())
         return report
 
     def _forget_stale_skip(self) -> None:
@@ -487,8 +497,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if gram_params is not None:  # frozen since construction?
             self._check_gram_params(self.optimizer, gram_params)
         params = self._trainable_params()
-        if self._pending.device_flag is not None and all(p.grad is None for p in params):
-            self._pending.device_flag = None  # its gradients are gone: an abandoned accumulation
+        mark = self._pending.device_mark
+        if self._pending.device_flag is not None and mark is not None and not _same_grads(params, mark):
+            self._pending.device_flag = None  # its gradients were cleared or replaced: an abandoned accumulation
         # The K loss values (and extra's) in one float64 tensor: one conversion, one transfer
         # (float32/16 -> float64 is exact, so the values are those of a per-loss .double()).
         local = torch.stack([t.detach() for t in tensors] + ([extra.detach()] if extra is not None else []))
@@ -591,6 +602,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if losses is not None:
             if closure is not None:
                 raise ValueError("pass either losses or a closure to step(), not both")
+            if self.skip_on_device:  # refused before backward writes anything
+                self._check_device_skip(self.optimizer, self.nonfinite)
             self._stepping = self.skip_on_device  # the step checks p.grad: backward need not
             try:
                 report = self.backward(losses, shared=shared, extra=extra, groups=groups)
@@ -667,7 +680,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if self._pending.device_flag is not None:
             flag = flag & self._pending.device_flag.to(flag.device)
         self._step_flag = flag
-        if any(not opt.state.get(p) for p in params):
+        if any(not opt.state.get(p) for p in params) and _creates_state(opt):
             if not bool(flag):
                 return False, out
             opt.step()
@@ -1203,3 +1216,10 @@ class _DeviceVerdict:
             return self.base
         skipped = f"non-finite {self.what} (the wrapped optimizer skips its step on the device)"
         return f"{self.base}; {skipped}" if self.base else skipped
+
+
+def _creates_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the wrapped step creates per-parameter state (all but SGD without momentum)."""
+    return not (
+        isinstance(optimizer, torch.optim.SGD) and all(g.get("momentum", 0) == 0 for g in optimizer.param_groups)
+    )

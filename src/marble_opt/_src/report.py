@@ -34,6 +34,7 @@ class _LazyField:
         self.default = default
 
     def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
         self.slot = "_lazy_" + name
 
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
@@ -41,6 +42,10 @@ class _LazyField:
             if self.default is _LazyField._NO_DEFAULT:
                 raise AttributeError(self.slot)
             return self.default
+        if self.slot not in obj.__dict__:  # a report pickled when this field was a plain one
+            if self.name in obj.__dict__:
+                return obj.__dict__[self.name]
+            raise AttributeError(self.name)
         value = obj.__dict__[self.slot]
         if isinstance(value, _Deferred):
             value = value.fn()

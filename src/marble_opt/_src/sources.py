@@ -181,7 +181,8 @@ def device_finite(tensors: Sequence[Tensor]) -> Tensor:
             torch._amp_foreach_non_finite_check_and_unscale_(group, inf, torch.ones((), device=dev))
         except (RuntimeError, NotImplementedError):
             inf = (~torch.stack([t.isfinite().all() for t in group]).all()).to(torch.float32)
-        found.append(inf.to(device, non_blocking=True))
+        # to the host: a blocking copy (a non-blocking one into pinned memory would be read too soon)
+        found.append(inf.to(device, non_blocking=device.type != "cpu"))
     return torch.stack(found).sum() == 0
 
 
