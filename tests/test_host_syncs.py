@@ -490,16 +490,26 @@ def test_skip_on_device_runs_a_closure_before_checking():
     assert not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
 
 
-def test_skip_on_device_forgets_the_flag_of_an_abandoned_accumulation():
-    """A cached micro-batch with a NaN loss, then the gradients are cleared by the model:
-    the next accumulation steps (the flag went with its gradients)."""
+def _with_a_pending_nan_loss(finite_first: bool = False):
+    """A solved step, then a cached micro-batch whose loss l1 is NaN: its flag waits for
+    ``step()`` (``finite_first``: after a finite cached micro-batch). Returns (net, opt, x)."""
     net, opt = _device_skip_setup("shared")
     opt.refresh_every = 2
     x = torch.randn(4, 8)
     _device_step(net, opt, "shared", x)  # solve
     opt.zero_grad()
+    if finite_first:
+        z, losses = net(x)
+        opt.backward(losses, shared=z)
     z, losses = net(x)
-    opt.backward({k: v * (float("nan") if k == "l1" else 1.0) for k, v in losses.items()}, shared=z)  # cached
+    opt.backward({**losses, "l1": losses["l1"] * float("nan")}, shared=z)
+    return net, opt, x
+
+
+def test_skip_on_device_forgets_the_flag_of_an_abandoned_accumulation():
+    """A cached micro-batch with a NaN loss, then the gradients are cleared by the model:
+    the next accumulation steps (the flag went with its gradients)."""
+    net, opt, x = _with_a_pending_nan_loss()
     net.zero_grad(set_to_none=True)
     before = [p.detach().clone() for p in net.parameters()]
     z, losses = net(x)
@@ -541,13 +551,7 @@ def test_skip_on_device_refuses_a_group_that_cannot_skip():
 def test_skip_on_device_survives_copies_and_keeps_a_pending_flag():
     """deepcopy and torch.save/load (which drop torch's fused marker) still step, and a cached
     micro-batch's NaN-loss flag pending at the copy still skips the step."""
-    net, opt = _device_skip_setup("shared")
-    opt.refresh_every = 2
-    x = torch.randn(4, 8)
-    _device_step(net, opt, "shared", x)  # solve
-    opt.zero_grad()
-    z, losses = net(x)
-    opt.backward({**losses, "l1": losses["l1"] * float("nan")}, shared=z)  # cached: the flag waits for step()
+    net, opt, x = _with_a_pending_nan_loss()
     buffer = io.BytesIO()
     torch.save((net, opt), buffer)
     buffer.seek(0)
@@ -562,15 +566,7 @@ def test_skip_on_device_survives_copies_and_keeps_a_pending_flag():
 
 
 def test_skip_on_device_forgets_a_flag_whose_gradients_were_zeroed_in_place():
-    net, opt = _device_skip_setup("shared")
-    opt.refresh_every = 2
-    x = torch.randn(4, 8)
-    _device_step(net, opt, "shared", x)  # solve
-    opt.zero_grad()
-    z, losses = net(x)
-    opt.backward(losses, shared=z)  # cached, finite
-    z, losses = net(x)
-    opt.backward({**losses, "l1": losses["l1"] * float("nan")}, shared=z)  # cached, NaN loss
+    net, opt, x = _with_a_pending_nan_loss(finite_first=True)
     net.zero_grad(set_to_none=False)  # the accumulation is abandoned, its gradients zeroed in place
     before = [p.detach().clone() for p in net.parameters()]
     z, losses = net(x)
