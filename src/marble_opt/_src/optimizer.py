@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import weakref
 from collections import OrderedDict
@@ -72,7 +71,6 @@ class _Pending:
         #: ``skip_on_device``: whether the loss values of the cached steps were finite, on the
         #: device, unread (the step's check of every ``p.grad`` is AND-ed with it).
         self.device_flag: Tensor | None = None
-        self.device_mark: _GradMark | None = None  # the gradients as the last backward left them
 
     @property
     def count(self) -> int:
@@ -248,7 +246,9 @@ class MarbleOptimizer(torch.optim.Optimizer):
         self._names: tuple[str, ...] | None = None
         self._wstate = WeightingState()  # the weighting's whole state between steps
         self._pending = _Pending()
-        self._skip_mark: _GradMark | None = None
+        # The gradients as the last backward of this accumulation left them, while it holds a
+        # skip or a pending loss flag: either is forgotten once someone clears or replaces them.
+        self._stale_mark: _GradMark | None = None
         self.num_steps = 0
 
     @staticmethod
@@ -318,10 +318,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
         # torch.optim.Optimizer pickles only defaults/state/param_groups; we keep everything
         # (the weighting drops its solver's OSQP workspaces itself; they are rebuilt on demand).
         state = self.__dict__.copy()
-        state["_skip_mark"] = None  # weak references: a restored skip is kept (it cannot be judged stale)
-        if state["_pending"].device_mark is not None:  # the same for a pending loss flag
-            state["_pending"] = copy.copy(state["_pending"])
-            state["_pending"].device_mark = None
+        state["_stale_mark"] = None  # weak references: a restored skip or flag is kept (it cannot be judged stale)
         # An LR scheduler replaces self.step by a wrapper bound to *this* object (unpicklable,
         # and a deepcopy would step the original); torch.optim.Optimizer never copies it.
         state.pop("step", None)
@@ -329,7 +326,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        state.setdefault("_skip_mark", None)
+        state.pop("_skip_mark", None)  # the same mark, pickled under its earlier name
+        state.setdefault("_stale_mark", None)
         state.setdefault("skip_on_device", False)  # pickled before the option existed
         state.setdefault("_stepping", False)
         state.setdefault("_step_flag", None)
@@ -419,14 +417,14 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if self._cross is not None:
             self._cross.reset()
         self._pending = _Pending()
-        self._skip_mark = None
+        self._stale_mark = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         # A new accumulation: forget a skipped backward whose step() never came (GradScaler
         # skips calling it on inf) and weights of micro-batches whose gradients are gone.
         self._pending = _Pending()
-        self._skip_mark = None
+        self._stale_mark = None
 
     def backward(
         self,
@@ -458,20 +456,23 @@ class MarbleOptimizer(torch.optim.Optimizer):
             gradient at all yet, clearing leaves nothing to see: call ``zero_grad()`` of
             this optimizer, or ``step()``, after such a skip.)
         """
-        self._forget_stale_skip()
+        self._forget_stale()
         report = self._backward(losses, shared, extra, groups)
-        if self._pending.skip:
-            self._skip_mark = _grad_mark(self._trainable_params())
-        if self._pending.device_flag is not None:
-            self._pending.device_mark = _grad_mark(self._trainable_params())
+        if self._pending.skip or self._pending.device_flag is not None:
+            self._stale_mark = _grad_mark(self._trainable_params())
         return report
 
-    def _forget_stale_skip(self) -> None:
-        """Drop a skip whose gradients someone cleared or replaced since (a new accumulation)."""
-        if self._pending.skip and self._skip_mark is not None:
-            if not _same_grads(self._trainable_params(), self._skip_mark):
-                self._pending = _Pending()
-                self._skip_mark = None
+    def _forget_stale(self) -> None:
+        """Drop a skip, or a cached step's pending loss flag (``skip_on_device``), whose
+        gradients someone cleared or replaced since (a new accumulation)."""
+        pending = self._pending
+        if (pending.skip or pending.device_flag is not None) and self._stale_mark is not None:
+            if not _same_grads(self._trainable_params(), self._stale_mark):
+                if pending.skip:
+                    self._pending = _Pending()
+                else:
+                    pending.device_flag = None
+                self._stale_mark = None
 
     def _backward(
         self,
@@ -497,9 +498,6 @@ class MarbleOptimizer(torch.optim.Optimizer):
         if gram_params is not None:  # frozen since construction?
             self._check_gram_params(self.optimizer, gram_params)
         params = self._trainable_params()
-        mark = self._pending.device_mark
-        if self._pending.device_flag is not None and mark is not None and not _same_grads(params, mark):
-            self._pending.device_flag = None  # its gradients were cleared or replaced: an abandoned accumulation
         # The K loss values (and extra's) in one float64 tensor: one conversion, one transfer
         # (float32/16 -> float64 is exact, so the values are those of a per-loss .double()).
         local = torch.stack([t.detach() for t in tensors] + ([extra.detach()] if extra is not None else []))
@@ -613,7 +611,7 @@ class MarbleOptimizer(torch.optim.Optimizer):
             raise ValueError("shared=, extra= and groups= need losses: step(losses, shared=..., extra=...)")
         if self._pending.skip:
             self._pending = _Pending()
-            self._skip_mark = None
+            self._stale_mark = None
             if report is not None and not report.skipped:
                 reason = "a backward() earlier in this accumulation skipped; no step was taken"
                 report = dataclasses.replace(report, skipped=True, reason=reason)
