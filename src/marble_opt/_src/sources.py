@@ -158,9 +158,13 @@ def finite_sums(tensors: Sequence[Tensor]) -> Tensor:
 
 def entrywise_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every entry is finite, checked entry by entry (after a non-finite sum)."""
+    return bool(_entrywise_flag(tensors))
+
+
+def _entrywise_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """On the first tensor's device, unread: ``isfinite().all()`` of every tensor, together."""
     device = tensors[0].device
-    flags = [t.isfinite().all() for t in tensors]
-    return bool(torch.stack([f.to(device) for f in flags]).all())
+    return torch.stack([t.isfinite().all().to(device) for t in tensors]).all()
 
 
 def device_finite(tensors: Sequence[Tensor]) -> Tensor:
@@ -180,7 +184,7 @@ def device_finite(tensors: Sequence[Tensor]) -> Tensor:
         try:
             torch._amp_foreach_non_finite_check_and_unscale_(group, inf, torch.ones((), device=dev))
         except (RuntimeError, NotImplementedError):
-            inf = (~torch.stack([t.isfinite().all() for t in group]).all()).to(torch.float32)
+            inf = (~_entrywise_flag(group)).to(torch.float32)
         # to the host: a blocking copy (a non-blocking one into pinned memory would be read too soon)
         found.append(inf.to(device, non_blocking=device.type != "cpu"))
     return torch.stack(found).sum() == 0
