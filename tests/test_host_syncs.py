@@ -335,11 +335,13 @@ def test_a_non_finite_gradient_is_skipped_on_the_device_untouched(gram, with_ext
     assert report.skipped is False and not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
 
 
+@pytest.mark.parametrize("poisoned", [0, 1])
 @pytest.mark.parametrize("gram", sorted(BALANCING))
-def test_skip_on_device_defers_through_backward_clipping_and_accumulation(gram):
-    """``backward()`` per micro-batch, ``clip_grad_norm_``, then ``step()``: a poisoned second
+def test_skip_on_device_defers_through_backward_clipping_and_accumulation(gram, poisoned):
+    """``backward()`` per micro-batch, ``clip_grad_norm_``, then ``step()``: a poisoned
     micro-batch is added to p.grad, and the step skips on the device with parameters and
-    state untouched; the reads are the loss values with G of each balancing backward."""
+    state untouched; the reads are the loss values with G of each balancing backward. Each
+    ``backward()``'s report tells whether its own gradient was finite (read after the step)."""
     net, opt = _device_skip_setup(gram)
     x = torch.randn(4, 8)
     _device_step(net, opt, gram, x)  # the state exists
@@ -349,14 +351,14 @@ def test_skip_on_device_defers_through_backward_clipping_and_accumulation(gram):
     reports = []
     with bench.HostSyncCounter(bench.host_state(opt)) as c:
         opt.zero_grad()
-        for poison in (False, True):
+        for poison in (poisoned == 0, poisoned == 1):
             z, losses = net(x, poison and gram in ("shared", "params"))
             extra = (z * 0.0).abs().sqrt().sum() if poison and gram.startswith("exact") else None
             reports.append(opt.backward(losses, shared=z if gram == "shared" else None, extra=extra))
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         assert opt.step() is None
     assert c.where == ["cpu", "cpu"], c.where
-    assert [r.skipped for r in reports] == [False, True]
+    assert [r.skipped for r in reports] == [poisoned == 0, poisoned == 1]
     assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
     for p in net.parameters():
         assert all(torch.equal(opt.state[p][k], v) for k, v in state[id(p)].items())

@@ -620,8 +620,8 @@ class MarbleOptimizer(torch.optim.Optimizer):
         out = self._hooked_step(closure)
         flag, self._step_flag = self._step_flag, None
         verdict, self._verdict = self._verdict, None
-        if verdict is not None and flag is not None:  # skip_on_device: the report tells the step's check
-            verdict.flag = flag
+        if losses is not None and verdict is not None and flag is not None:
+            verdict.flag = flag  # skip_on_device: step(losses)'s report tells the step's own check
         return report if losses is not None else out
 
     # torch.optim.Optimizer would wrap ``step`` to run the step hooks around the whole call,
