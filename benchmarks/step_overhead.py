@@ -75,6 +75,7 @@ except ImportError:  # pragma: no cover - reported in the table
 
 PLAIN = "plain AdamW (Σ L_k)"
 KPASS = "K backward passes"
+PLAIN_FUSED = "plain AdamW, fused=True (Σ L_k)"
 EXACT = "marble exact"
 
 
@@ -576,6 +577,18 @@ class Mlp(nn.Module):
         return z, {f"task{k}": ((h(z).squeeze(-1) - y[k]) ** 2).mean() for k, h in enumerate(self.heads)}
 
 
+def mlp_batches(case: MlpCase, device: torch.device, seed: int, n: int = 4) -> list[tuple[Tensor, Tensor]]:
+    """``n`` batches (x (B, D), targets (K, B) on scales 1…K, alternately opposed: the objectives conflict)."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        x = torch.randn(case.batch, case.d, generator=gen)
+        yb = torch.randn(case.batch, generator=gen)
+        y = torch.stack([(1.0 + j) * ((-1) ** j) * yb + torch.randn(case.batch, generator=gen) for j in range(case.k)])
+        batches.append((x.to(device), y.to(device)))
+    return batches
+
+
 def mlp_step(case: MlpCase, method: str, model: Mlp) -> Step:
     """One full step of ``method`` on ``model``: "plain", "plain-fused" (AdamW with
     ``fused=True``), "kpass", or a Gram source, optionally with "/fused" (a fused AdamW) and
@@ -754,13 +767,7 @@ def time_mlp_case(
     base = Mlp(case).to(device)
     labels = [case.baseline, *case.sources]
     steps = [mlp_step(case, m, copy.deepcopy(base)) for m in labels]
-    gen = torch.Generator().manual_seed(seed + 1)
-    batches = []
-    for _ in range(4):
-        x = torch.randn(case.batch, case.d, generator=gen)
-        yb = torch.randn(case.batch, generator=gen)
-        y = torch.stack([(1.0 + j) * ((-1) ** j) * yb + torch.randn(case.batch, generator=gen) for j in range(case.k)])
-        batches.append((x.to(device), y.to(device)))
+    batches = mlp_batches(case, device, seed + 1)
     times: list[list[float]] = [[] for _ in labels]
     counter = 0
     for r in range(warmup + repeats):
@@ -777,7 +784,7 @@ def time_mlp_case(
             counter += 1
     med = [statistics.median(t) for t in times]
     syncs = [count_host_syncs(s, batches[0], device) for s in steps]
-    names = {"plain": PLAIN, "plain-fused": "plain AdamW, fused=True (Σ L_k)", "kpass": KPASS}
+    names = {"plain": PLAIN, "plain-fused": PLAIN_FUSED, "kpass": KPASS}
     return [
         {"method": names.get(m, "marble " + m.replace("/", ", ")), "ms": 1e3 * t, "ratio": t / med[0], "syncs": n}
         for m, t, n in zip(labels, med, syncs)

@@ -37,16 +37,26 @@ from types import ModuleType
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_overhead import FULL, MLP_CASES, QUICK, Mlp, MlpCase, Model, adamw, k_backward, make_batches, plain  # noqa: E402
+from step_overhead import (  # noqa: E402
+    FULL,
+    MLP_CASES,
+    MLP_QUICK,
+    QUICK,
+    Mlp,
+    Model,
+    adamw,
+    k_backward,
+    make_batches,
+    mlp_batches,
+    plain,
+)
 
 import marble_opt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = ("mlp6:shared", "mlp6:params", "mlp4:exact", "mlp4:exact-lean", "tf:shared", "tf:exact", "tf:params")
-QUICK_MLP = {
-    "mlp6": MlpCase("6-layer MLP, D=32", 32, 6, 8, 3, "plain", ()),
-    "mlp4": MlpCase("4-layer MLP", 32, 4, 8, 2, "kpass", ()),
-}
+#: The MLP models by name: (step_overhead.py's case, its --quick twin).
+MLPS = {"mlp6": (MLP_CASES[0], MLP_QUICK[0]), "mlp4": (MLP_CASES[1], MLP_QUICK[1])}
 
 
 def load_version(ref: str, into: Path) -> ModuleType:
@@ -79,15 +89,8 @@ def build_case(model_name: str, quick: bool):
         )
     if model_name not in ("mlp6", "mlp4"):
         raise ValueError(f"unknown model {model_name!r} in --cases: use mlp6, mlp4 or tf")
-    case = QUICK_MLP[model_name] if quick else MLP_CASES[0 if model_name == "mlp6" else 1]
-    gen = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(4):
-        x = torch.randn(case.batch, case.d, generator=gen)
-        yb = torch.randn(case.batch, generator=gen)
-        y = torch.stack([(1.0 + j) * ((-1) ** j) * yb + torch.randn(case.batch, generator=gen) for j in range(case.k)])
-        batches.append((x, y))
-    return Mlp(case), batches, lambda m: list(m.trunk[-2].parameters())
+    case = MLPS[model_name][quick]
+    return Mlp(case), mlp_batches(case, torch.device("cpu"), 1), lambda m: list(m.trunk[-2].parameters())
 
 
 def marble_step(package: ModuleType, model: torch.nn.Module, gram: str, gram_params) -> Callable:

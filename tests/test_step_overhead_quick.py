@@ -125,7 +125,7 @@ def test_mlp_tables_have_ratios_and_host_syncs(report):
     for table, case in zip(mlp, bench.MLP_QUICK):
         assert table["__header__"] == ["method", "ms per step", "ratio", "host syncs per step"]
         rows = [m for m in table if m != "__header__"]
-        baseline = {"plain": bench.PLAIN, "kpass": bench.KPASS, "plain-fused": "plain AdamW, fused=True (Σ L_k)"}
+        baseline = {"plain": bench.PLAIN, "kpass": bench.KPASS, "plain-fused": bench.PLAIN_FUSED}
         baseline = baseline[case.baseline]
         assert rows == [baseline, *("marble " + s.replace("/", ", ") for s in case.sources)]
         assert table[baseline][1] == "1.000×" and table[baseline][2] == "0"
