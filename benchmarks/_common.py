@@ -7,6 +7,8 @@ ratios measured side by side in one run.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
 import statistics
@@ -26,6 +28,7 @@ __all__ = [
     "rotated",
     "setup_torch",
     "time_call",
+    "write_json",
     "write_markdown",
 ]
 
@@ -126,6 +129,29 @@ def environment_line() -> str:
     cpu = platform.processor() or platform.machine()
     parts.append(f"{cpu}, {os.cpu_count()} logical CPUs")
     return ", ".join(parts)
+
+
+def write_json(path: str | os.PathLike[str] | None, data: Any) -> None:
+    """Write ``data`` (the raw, unrounded figures behind a Markdown report) to ``path`` as JSON
+    (parents created); nothing when ``path`` is None. Tests assert on these, never on the
+    rounded figures the Markdown prints. Non-finite floats are written as null."""
+    if path is None:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(_json_ready(data), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return _json_ready(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_markdown(path: str | os.PathLike[str] | None, text: str) -> None:

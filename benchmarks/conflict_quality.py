@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment_line, markdown_table, setup_torch, write_markdown  # noqa: E402
+from _common import environment_line, markdown_table, setup_torch, write_json, write_markdown  # noqa: E402
 
 from marble_opt import MarbleOptimizer, min_norm_weights  # noqa: E402
 from marble_opt.demo import _flat_grads, build_problem, train  # noqa: E402
@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps, inits and seeds (CI)")
     parser.add_argument("--out", help="write the Markdown tables to this file")
     parser.add_argument("--plot", help="write the toy trajectories to this PNG")
+    parser.add_argument("--json", help="write the raw (unrounded) regression and weighting figures to this file")
     parser.add_argument("--toy-steps", type=int, help="Adam steps on the toy (default 4000, quick 300)")
     parser.add_argument("--toy-lr", type=float, default=1e-2)
     parser.add_argument(
@@ -429,7 +430,33 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     write_markdown(args.out, text)
+    write_json(args.json, raw_results(reg, wres))
     return 0
+
+
+def raw_results(reg: dict, wres: dict) -> dict:
+    """The unrounded figures behind tables (b) and (c). (b), per method, one entry per seed:
+    the fraction of steps whose worst update cosine was negative, the worst cosine seen and
+    the mean across-objective variance of the cosines. (c), per noise and "label|estimator":
+    the mean cosine with each objective on an independent batch and the fraction of steps
+    with a negative one."""
+    regression = {
+        m: {
+            "negative_fraction": [r.negative_fraction for r in rs],
+            "worst_cosine": [float(r.worst.min()) for r in rs],
+            "cosine_variance": [r.cosine_variance for r in rs],
+        }
+        for m, rs in reg.items()
+    }
+    weightings = {}
+    for noise, res in wres.items():
+        for (label, est), runs in res.items():
+            cos = np.concatenate([r["cos"] for r in runs])
+            weightings.setdefault(f"{noise:g}", {})[f"{label}|{est}"] = {
+                "mean_cosine": cos.mean(axis=0),
+                "negative_fraction": float((cos.min(axis=1) < 0).mean()),
+            }
+    return {"regression": regression, "weightings": weightings}
 
 
 if __name__ == "__main__":

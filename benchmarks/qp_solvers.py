@@ -46,11 +46,12 @@ from _common import (  # noqa: E402
     rotated,
     setup_torch,
     time_call,
+    write_json,
     write_markdown,
 )
 
 from marble_opt import MinNormSolver, min_norm_weights  # noqa: E402
-from marble_opt._src.qp import frank_wolfe_min_norm  # noqa: E402
+from marble_opt._src.qp import KKT_TOL, frank_wolfe_min_norm  # noqa: E402
 from marble_opt.testing import GRAM_KINDS, hard_gram, reference_min_norm_weights  # noqa: E402
 
 FULL_KS = (2, 3, 5, 8, 16, 32, 64)
@@ -437,7 +438,7 @@ def report(res: dict, cold: dict | None, meta: dict) -> str:
         ]
     warm_t = times.median((WARM, k))
     line = (
-        f"**Targets at K={k}** (issue 5, SPEC): warm call vs TorchJD's `MGDAWeighting`: "
+        f"**Targets at K={k}**: warm call vs TorchJD's `MGDAWeighting`: "
         f"{times.ratio((TJD_MGDA, k), (WARM, k)):.1f}× faster pooled (per kind "
         f"{min(times.median((TJD_MGDA, k, kd)) / times.median((WARM, k, kd)) for kd in GRAM_KINDS):.1f}×–"
         f"{max(times.median((TJD_MGDA, k, kd)) / times.median((WARM, k, kd)) for kd in GRAM_KINDS):.0f}×"
@@ -448,9 +449,10 @@ def report(res: dict, cold: dict | None, meta: dict) -> str:
         line += f", {cold['times'].ratio((TJD_MGDA, k), (WARM, k)):.1f}× with cold caches"
     line += (
         f") — target ≥ 10×; vs qpsolvers+OSQP defaults {times.ratio((OSQP_DEFAULT, k), (WARM, k)):.0f}×; "
-        f"worst gap {fmt_gap(gaps[(WARM, k)])} vs quadprog's {fmt_gap(gaps[(QUADPROG, k)])} (as exact: "
-        f"{'yes' if gaps[(WARM, k)] <= max(gaps[(QUADPROG, k)], 1e-15) else 'no'}); median warm call "
-        f"{fmt_time(warm_t)} (SPEC: ≤ 50 µs"
+        f"worst gap {fmt_gap(gaps[(WARM, k)])} vs quadprog's {fmt_gap(gaps[(QUADPROG, k)])} (within the "
+        f"solver's certified bound KKT_TOL/K = {fmt_float(KKT_TOL / k)}: "
+        f"{'yes' if gaps[(WARM, k)] <= KKT_TOL / k else 'no'}); median warm call "
+        f"{fmt_time(warm_t)} (target: ≤ 50 µs"
     )
     if cold is not None:
         line += f"; {fmt_time(cold['times'].median((WARM, k)))} with cold caches"
@@ -462,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"K in {QUICK_KS}, 6 matrices per kind (a few seconds)")
     parser.add_argument("--out", help="write the Markdown tables to this file")
+    parser.add_argument("--json", help="write the raw (unrounded) gaps, violations and failures to this file")
     parser.add_argument("--steps", type=int, help="matrices per (K, kind) (default 60, quick 6)")
     parser.add_argument(
         "--train-steps", type=int, help="training Gram matrices at K=5 (default 300, quick 30; 0: none)"
@@ -498,7 +501,18 @@ def main(argv: list[str] | None = None) -> int:
         seconds=time.perf_counter() - t0,
     )
     write_markdown(args.out, report(res, cold, meta))
+    write_json(args.json, raw_results(res, meta))
     return 0
+
+
+def raw_results(res: dict, meta: dict) -> dict:
+    """The unrounded figures behind the tables: per method and K, the worst objective gap
+    (relative to trace G; None where the method never answered), the worst simplex
+    violation and the failures; and the largest reference certificate."""
+    out: dict = {"ks": list(meta["ks"]), "kkt_tol": KKT_TOL, "max_certificate": max(res["certs"], default=0.0)}
+    for field, table in (("gap", res["gaps"]), ("violation", res["viol"]), ("failures", res["fails"])):
+        out[field] = {m: {str(k): table[(m, k)] for k in meta["ks"]} for m in METHODS}
+    return out
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from marble_opt import MarbleOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment_line, markdown_table, rotated, write_markdown  # noqa: E402
+from _common import environment_line, markdown_table, rotated, write_json, write_markdown  # noqa: E402
 
 try:  # optional: the bench extra
     import torchjd
@@ -825,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the Markdown table to this file")
+    parser.add_argument("--json", help="write the raw (unrounded) timings, memory, fidelity and host syncs here")
     parser.add_argument("--methods", nargs="+", help="time only the methods whose label contains one of these")
     parser.add_argument("--no-fidelity", action="store_true", help="skip the fidelity table")
     parser.add_argument(
@@ -861,16 +862,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--clock cpu measures one thread's CPU time: use it with --device cpu --threads 1")
     clock = time.thread_time if clock_name == "cpu" else time.perf_counter
     text = ""
+    raw: dict = {}
     if "transformer" in args.cases:
         timing = {k: time_methods(cfg, k, device, args.seed + k, args.methods, clock) for k in cfg.ks}
         fid = {} if args.no_fidelity else {k: fidelity(cfg, k, device, args.seed + 100 + k) for k in cfg.ks}
         text = markdown(cfg, device, timing, fid, command.strip(), time.perf_counter() - start, clock_name)
+        raw.update(timing=timing, fidelity=fid)
     if "mlp" in args.cases:
         repeats = args.mlp_repeats or (3 if args.quick else 30)
         cases = MLP_QUICK if args.quick else MLP_CASES
         rows = {c.label: time_mlp_case(c, device, repeats, 1 if args.quick else 3, args.seed, clock) for c in cases}
         text += ("\n" if text else "") + mlp_markdown(rows, repeats, clock_name)
+        raw["mlp"] = rows
     write_markdown(args.out, text)
+    write_json(args.json, raw)
     return 0
 
 
