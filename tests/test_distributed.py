@@ -233,7 +233,9 @@ def test_different_loss_keys_raise_on_every_rank_at_once(name_ranks):
         # a new key on rank 1 after the first step: both ranks raise (rank 0 used to hang)
         (first, _, _), (kind, message, _), (_, names, _) = res["later"]
         assert first == "ok" and kind == "ValueError", res["later"]
-        assert "'d' is missing on rank(s) [0]" in message
+        # rank 1's own check names the new key; every rank raises it (rank 0 says whose it is)
+        assert "the objectives changed since the first step: missing [], new ['d']" in message, message
+        assert rank == 1 or "rank 1 raised ValueError in this step, so every rank stops" in message, message
         assert names == "a,b,c"
         # the group is still usable, and another order on rank 1 is not an error
         assert [c[0] for c in res["after"]] == ["ok", "ok", "names"]
@@ -244,14 +246,15 @@ def test_different_loss_keys_raise_on_every_rank_at_once(name_ranks):
 def _expected_traffic(name: str, numel: int) -> dict[str, int]:
     cfg = SCENARIOS[name]
     micro = cfg.get("micro", 1)
-    losses = (K + (1 if cfg.get("extra") else 0)) * F64
+    n_values = K + (1 if cfg.get("extra") else 0)
+    losses = (n_values + 1) * F64  # the values and the count of ranks whose local work raised
     grads = {
         "exact": K * numel * F32 + (numel * F32 if cfg.get("extra") else 0),  # K×N (+ direction)
         "exact-lean": K * numel * F32,
         "params": K * (8 * 3 + 3) * F32,  # K × |gram_params| (the output layer)
         "shared": 0,
     }[cfg["gram"]]
-    out = {"names": 3 * 8, "losses": losses, "broadcast": (K * K + K) * F64, "flag": 4}
+    out = {"names": 4 * 8, "losses": losses, "broadcast": (K * K + n_values) * F64, "flag": 4}
     if cfg["gram"] == "shared":
         out["gram"] = K * K * F64
     else:

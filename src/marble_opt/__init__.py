@@ -5,6 +5,7 @@ Swap ``torch.optim.AdamW(...)`` for ``MarbleOptimizer(torch.optim.AdamW(...))`` 
 gradients with MARBLE's min-norm weights (or another weighting: ``weighting="upgrad"``, ...).
 """
 
+from ._src.balancer import Balancer
 from ._src.estimators import GRAM_ESTIMATORS
 from ._src.optimizer import MarbleOptimizer
 from ._src.qp import MinNormSolver, min_norm_weights
@@ -32,6 +33,7 @@ __all__ = [
     "WEIGHTINGS",
     "AlignedMTLWeighting",
     "BalanceReport",
+    "Balancer",
     "CAGradWeighting",
     "CallableWeighting",
     "GramSource",

@@ -19,8 +19,9 @@ __all__ = [
     "update_cosines",
 ]
 
-#: An objective whose gradient norm is at most this is left out of the QP.
-MIN_GRAD_NORM = 1e-12
+#: An objective whose gradient norm is at most this (exactly zero) is left out of the weighting:
+#: normalising a zero gradient is undefined; any non-zero one takes part whatever its scale.
+MIN_GRAD_NORM = 0.0
 #: ``"l2"``: ĝ = g/‖g‖ (the paper's); ``"none"``: ĝ = g; ``"loss"``: ĝ = g/L (MGDA);
 #: ``"loss+l2"``: ĝ = g/(L·‖g‖).
 NORMALIZATIONS = ("l2", "none", "loss", "loss+l2")

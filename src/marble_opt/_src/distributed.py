@@ -7,15 +7,18 @@ data-parallel step can equal one process on the concatenated batch. ``Collective
 place where MarbleOptimizer and its Gram sources talk to the other ranks:
 
 - ``agree_names``: before any other collective of a ``backward``, the ranks check that they
-  pass the same loss names (one all-reduce of 3 int64: a hash of the name set, and whether
-  the names were agreed before) and take them in one order, the group's first rank's (one
-  ``all_gather_object`` of the names, on the first call and after a change). Different name
-  sets raise ``ValueError`` on every rank, naming which rank lacks which key, instead of a
-  collective that hangs until the process-group timeout; a different dict order is not an
-  error (averaging loss values by position would silently mix objectives).
+  pass the same loss names (one all-reduce of 4 int64: a hash of the name set, whether the
+  names were agreed before, and whether this rank's input checks raised) and take them in one
+  order, the group's first rank's (one ``all_gather_object`` of the names, on the first call
+  and after a change). Different name sets raise ``ValueError`` on every rank, naming which
+  rank lacks which key, instead of a collective that hangs until the process-group timeout;
+  a different dict order is not an error (averaging loss values by position would silently
+  mix objectives). A rank whose checks raised makes every rank raise.
 - ``mean_losses``: the losses (and the unbalanced ``extra`` loss) averaged over ranks, one
-  all-reduce of K+1 float64 per ``backward``. A loss that is non-finite on any rank is
-  non-finite on every rank afterwards, so every rank takes the same skip/exclude decision.
+  all-reduce of K+2 float64 per ``backward``, after a source's local passes: its last entry
+  says whether some rank's passes raised (then every rank raises). A loss that is non-finite
+  on any rank is non-finite on every rank afterwards, so every rank takes the same
+  skip/exclude decision.
 - ``mean_``: a gradient buffer averaged in place (exact sources: the K×N per-objective
   gradients, before the Gram; ``autograd.grad`` never reaches DDP's reducer).
 - ``gram_of_mean``: the Gram of the averaged gradient w.r.t. a tensor split over ranks (the
@@ -23,7 +26,9 @@ place where MarbleOptimizer and its Gram sources talk to the other ranks:
   the local ``z_r`` and ``L_k = (1/R) Σ_r L_k^r``, then ``∇_z L_k`` is ``(1/R) ∇_{z_r} L_k^r`` on
   block r, hence ``G = (1/R²) Σ_r G_r``.
 - ``same_everywhere``: the QP's input (Gram and loss values) broadcast from the group's first
-  rank, so every rank solves a bit-identical problem and takes an identical step.
+  rank, so every rank solves a bit-identical problem and takes an identical step; and, for a
+  weighting that may answer differently on each rank (a callable, e.g. TorchJD's PCGrad with
+  its own random draws), its weights as well.
 - ``all_true``: a flag every rank agrees on (the combined backward was finite everywhere;
   needed where a backward runs without DDP's all-reduce, e.g. under ``no_sync``).
 
@@ -37,7 +42,6 @@ import hashlib
 import json
 import pickle
 from collections import Counter
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -114,24 +118,6 @@ class Collective:
         group = self._group()
         return 1 if group is None else _dist().get_world_size(group)
 
-    @staticmethod
-    def check_params(params: Iterable[Tensor]) -> None:
-        """Refuse parameters sharded by FSDP (DTensor or FlatParameter), with the reason.
-
-        Every source but ``shared`` needs ``autograd.grad`` w.r.t. the parameters, and under
-        FSDP those are shards that are not on the autograd graph (FSDP gathers them outside
-        autograd and reduce-scatters their gradients in its own hooks); the combined backward
-        passes ``inputs=params`` and so would never reach FSDP's hooks either. Refusing here
-        beats a step that silently leaves every gradient empty.
-        """
-        for i, p in enumerate(params):
-            if getattr(p, "_is_flat_param", False) or type(p).__name__ == "DTensor":
-                raise NotImplementedError(
-                    f"parameter {i} (shape {tuple(p.shape)}) is a {type(p).__name__}: parameters sharded by "
-                    "FSDP (fully_shard / FullyShardedDataParallel) or tensor parallelism are not supported; "
-                    "use DistributedDataParallel (LoRA and models that fit on one device), see the README"
-                )
-
     # ---- collectives ----------------------------------------------------------------------
     def _all_reduce(self, tensor: Tensor, purpose: str, group: Any, op: Any = None) -> None:
         dist = _dist()
@@ -152,30 +138,40 @@ class Collective:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def agree_names(self, names: tuple[str, ...], device: torch.device | None = None) -> tuple[str, ...]:
+    def agree_names(
+        self, names: tuple[str, ...], device: torch.device | None = None, failure: BaseException | None = None
+    ) -> tuple[str, ...]:
         """``names`` (this rank's loss keys) in the order every rank uses: the group's first rank's.
 
         Call it before any other collective of a ``backward``. Every call costs one all-reduce
-        of 3 int64 (24 bytes): a hash of the name set and whether it was agreed before. The
-        first call, and any call where a rank's set differs from the last agreed one, adds one
-        ``all_gather_object`` of the names (pickled). ``device``: for the all-reduce (default:
-        CUDA under NCCL, else CPU).
+        of 4 int64 (32 bytes): a hash of the name set, whether it was agreed before, and whether
+        this rank's input checks raised (``failure``). The first call, and any call where a
+        rank's set differs from the last agreed one, adds one ``all_gather_object`` of the names
+        (pickled). ``device``: for the all-reduce (default: CUDA under NCCL, else CPU).
 
         Raises:
             ValueError: on every rank, when the ranks' name sets differ; it names each key that
                 is not on every rank and the ranks that lack it.
+            The ``failure`` of any rank, on every rank (``raise_agreed``), before the names are
+                compared: one rank's bad input fails the step everywhere instead of leaving the
+                other ranks waiting in the next collective.
         """
         group = self._group()
         if group is None:
+            if failure is not None:
+                raise failure
             return names
         dist = _dist()
         key = frozenset(names)
         digest = self._names_digest(key)
         known = self._agreed is not None and key == self._agreed_set
         dev = device if device is not None else self._object_device(group)
-        # MAX of (h, −h, −known): all hashes equal iff max h = min h; all known iff max(−known) = 0.
-        t = torch.tensor([digest, -digest, 0 if known else -1], dtype=torch.int64, device=dev)
+        # MAX of (h, −h, −known, failed): all hashes equal iff max h = min h; all known iff
+        # max(−known) = 0; some rank failed iff max(failed) = 1.
+        t = torch.tensor([digest, -digest, 0 if known else -1, int(failure is not None)], dtype=torch.int64, device=dev)
         self._all_reduce(t, "names", group, op=dist.ReduceOp.MAX)
+        if int(t[3]):
+            self.raise_agreed(failure)
         same, everywhere_known = int(t[0]) == -int(t[1]), int(t[2]) == 0
         if same and everywhere_known:
             assert self._agreed is not None
@@ -198,15 +194,42 @@ class Collective:
         self._agreed, self._agreed_set = tuple(gathered[0]), sets[0]
         return self._agreed
 
-    def mean_losses(self, values: np.ndarray, device: torch.device) -> np.ndarray:
-        """Mean over ranks of the loss values (float64, any shape); non-finite anywhere stays
-        non-finite everywhere (a sum with a NaN or ±inf is not finite)."""
+    def mean_losses(
+        self, values: np.ndarray, device: torch.device, failure: BaseException | None = None
+    ) -> np.ndarray:
+        """Mean over ranks of the loss values (float64, 1-D); non-finite anywhere stays
+        non-finite everywhere (a sum with a NaN or ±inf is not finite). One all-reduce of
+        ``values.size + 1`` float64: the last entry counts the ranks whose local work raised
+        (``failure``), and then every rank raises (``raise_agreed``)."""
         group = self._group()
         if group is None:
+            if failure is not None:
+                raise failure
             return values
-        t = torch.as_tensor(values, dtype=torch.float64).to(device)
+        flat = np.concatenate([np.asarray(values, dtype=np.float64).reshape(-1), [float(failure is not None)]])
+        t = torch.as_tensor(flat, dtype=torch.float64).to(device)
         self._all_reduce(t, "losses", group)
-        return (t / self.world_size).cpu().numpy()
+        host = t.cpu().numpy()
+        if host[-1] > 0:
+            self.raise_agreed(failure)
+        return host[:-1] / self.world_size
+
+    def raise_agreed(self, failure: BaseException | None) -> None:
+        """Raise on every rank, once some rank failed: that rank re-raises its own exception,
+        the others an exception of the same type (for the builtin ones) whose message names
+        the failing rank and quotes its message (one ``all_gather_object``)."""
+        group = self._group()
+        dist = _dist()
+        mine = None if failure is None else (type(failure).__name__, str(failure))
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine, group=group)
+        if failure is not None:
+            raise failure
+        rank, (kind, message) = next((dist.get_global_rank(group, i), g) for i, g in enumerate(gathered) if g)
+        exc = {"ValueError": ValueError, "TypeError": TypeError, "FloatingPointError": FloatingPointError}.get(
+            kind, RuntimeError
+        )
+        raise exc(f"rank {rank} raised {kind} in this step, so every rank stops: {message}")
 
     def mean_(self, tensor: Tensor) -> Tensor:
         """Average ``tensor`` over ranks, in place (gradients); returns it."""

@@ -132,12 +132,6 @@ def _clip_indefinite(g: np.ndarray, scale: float, rtol: float) -> np.ndarray:
     return 0.5 * psd + 0.5 * psd.T
 
 
-def _kkt_ok(g: np.ndarray, alpha: np.ndarray, tol: float = KKT_TOL) -> bool:
-    """Whether ``alpha`` (on the simplex) satisfies the KKT conditions of the scaled QP."""
-    grad = g @ alpha
-    return bool(grad.min() >= float(alpha @ grad) - tol)
-
-
 def _to_simplex(alpha: np.ndarray) -> np.ndarray:
     a = np.maximum(alpha, 0.0)  # also maps NaN to 0
     s = float(a.sum())

@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BalanceReport"]
+from .balance import MIN_GRAD_NORM, cosine_matrix, update_cosines
+
+__all__ = ["BalanceReport", "DeviceVerdict", "make_report"]
 
 
 class _Deferred:
@@ -91,7 +93,12 @@ class BalanceReport:
             readable; empty when every objective took part.
         self_consistency: with ``gram_estimator="cross"``: ``cos(g_k^A, g_k^B)``, the cosine
             of each objective's gradients on the two halves of the batch (near 0: that
-            objective's batch gradient is mostly noise). Empty otherwise.
+            objective's batch gradient is mostly noise; NaN for one in ``batch_estimated``).
+            Empty otherwise.
+        batch_estimated: with ``gram_estimator="cross"``: the objectives whose samples all
+            fell in one half of the batch (a reward defined for some prompts only), so that
+            their row of ``gram`` comes from their whole-batch gradient (the batch estimate on
+            the diagonal) instead of the cross products, which would be empty.
 
     With ``gram_estimator="cross"``, ``gram`` is the raw cross estimate
     ``½(⟨g_k^A, g_l^B⟩ + ⟨g_l^A, g_k^B⟩)`` (before smoothing, PSD projection and the floor);
@@ -115,6 +122,7 @@ class BalanceReport:
     solver_status: str
     reason: str = _LazyField(default="")  # type: ignore[assignment]
     self_consistency: dict[str, float] = field(default_factory=dict)
+    batch_estimated: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON types: numpy arrays become nested lists, tuples lists,
@@ -147,3 +155,93 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(float(value)) else None
     return value
+
+
+class DeviceVerdict:
+    """``skip_on_device``: what a report's ``skipped`` and ``reason`` read when first accessed.
+
+    ``flag``: an on-device 0-dim bool, True when finite: the gradient a ``backward`` added
+    (and a cached step's loss values), replaced by the step's own check of every ``p.grad``
+    when ``step(losses)`` steps; None: nothing was found non-finite."""
+
+    def __init__(self, flag: Any, reason: str, what: str = "gradient") -> None:
+        self.flag = flag
+        self.base = reason
+        self.what = what
+
+    def skipped(self) -> bool:
+        return self.flag is not None and not bool(self.flag)
+
+    def reason(self) -> str:
+        if not self.skipped():
+            return self.base
+        skipped = f"non-finite {self.what} (the wrapped optimizer skips its step on the device)"
+        return f"{self.base}; {skipped}" if self.base else skipped
+
+
+def make_report(
+    names: tuple[str, ...],
+    values: Any,
+    *,
+    weights: np.ndarray | None = None,
+    raw: np.ndarray | None = None,
+    loss_weights: np.ndarray | None = None,
+    gram: np.ndarray | None = None,
+    used: np.ndarray | None = None,
+    norms: np.ndarray | None = None,
+    excluded: tuple[str, ...] = (),
+    skipped: bool = False,
+    status: str,
+    reason: str = "",
+    consistency: np.ndarray | None = None,
+    batch_estimated: tuple[str, ...] = (),
+    verdict: DeviceVerdict | None = None,
+) -> BalanceReport:
+    """A ``BalanceReport`` from one step's records; derived fields are computed on first access.
+
+    ``values``: the loss values (K,) or a zero-argument callable giving them as a dict (read
+    from the device when first accessed); ``used``: the matrix the weighting saw (cosines come
+    from it; default ``gram``); ``verdict``: ``skipped``/``reason`` read from the device."""
+
+    def named(x: np.ndarray | None) -> dict[str, float]:
+        return {} if x is None else dict(zip(names, np.asarray(x, dtype=np.float64).tolist()))
+
+    seen = used if used is not None else gram
+    measured = seen is not None and norms is not None
+    memo: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
+
+    def cosines() -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        if memo:
+            return memo[0]
+        assert seen is not None and norms is not None
+        update_cos = mean_cos = None
+        if loss_weights is not None:
+            update_cos = update_cosines(seen, loss_weights, norms)
+            valid = norms > MIN_GRAD_NORM
+            mean_cos = update_cosines(seen, np.where(valid, 1.0 / max(int(valid.sum()), 1), 0.0), norms)
+            # An excluded objective's gradient is zero or not finite (its row of G was
+            # zeroed): its cosine is undefined.
+            update_cos = np.where(valid, update_cos, np.nan)
+            mean_cos = np.where(valid, mean_cos, np.nan)
+        memo.append((cosine_matrix(seen, norms), update_cos, mean_cos))
+        return memo[0]
+
+    return BalanceReport(
+        names=names,
+        weights=named(weights),
+        raw_weights=named(raw),
+        loss_weights=named(loss_weights),
+        losses=_Deferred(values) if callable(values) else named(values),
+        gram=gram,
+        cosine=_Deferred(lambda: cosines()[0]) if measured else None,
+        grad_norms=_Deferred(lambda: named(norms)),
+        update_cosine=_Deferred(lambda: named(cosines()[1])) if measured else {},
+        mean_cosine=_Deferred(lambda: named(cosines()[2])) if measured else {},
+        excluded=excluded,
+        skipped=skipped if verdict is None else _Deferred(verdict.skipped),
+        solved=raw is not None,
+        solver_status=status,
+        reason=reason if verdict is None else _Deferred(verdict.reason),
+        self_consistency=named(consistency),
+        batch_estimated=batch_estimated,
+    )

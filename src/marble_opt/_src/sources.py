@@ -1,12 +1,10 @@
-"""Gram sources: how the K×K matrix of per-objective gradient products is measured.
+"""Gram sources: how the per-objective gradients and their K×K Gram matrix are measured.
 
-A source does two things for the optimizer and nothing else:
-
-- ``gram(losses, ...)`` measures ``G_kl = ⟨g_k, g_l⟩`` (float64 numpy, K×K) for its notion
-  of ``g_k``;
-- ``apply(w, losses, ...)`` accumulates the combined gradient ``Σ_k w_k ∇L_k`` (plus the
-  gradient of an unbalanced ``extra`` loss) into ``p.grad`` of the trainable parameters,
-  returning False (and leaving ``p.grad`` as it was) if that gradient is not finite.
+A source measures, and writes nothing: ``measure(losses, ...)`` returns ``G_kl = ⟨g_k, g_l⟩``
+(float64 numpy, K×K) for its notion of ``g_k``, together with the loss values read to the
+host in the same transfer. The update itself is written by ``apply.write_gradient`` (the only
+writer of ``p.grad``), from the exact source's rows (``ExactSource.rows``) or from one
+backward of ``Σ_k w_k L_k``.
 
 Sources:
 
@@ -23,10 +21,10 @@ Sources:
 
 G is always accumulated in float64. Buffers whose size does not change between steps (the
 K×N gradient rows, the float64 conversion block) are kept by the source and reused: a
-fresh multi-MB CPU allocation per step is paid again in page faults. The amortized sources
-cost, beyond a plain step, K backward passes through the ops after the shared tensors /
-named parameters, the Gram (K²·n float64 multiply-adds) and one finiteness check of the
-combined gradient (``all_finite``).
+fresh multi-MB CPU allocation per step is paid again in page faults. Under
+``torch.distributed`` a source first does its local passes, then agrees with the other ranks
+(``Collective.mean_losses``, which also carries a local error to every rank), then averages
+its rows (or Gram) over the ranks.
 """
 
 from __future__ import annotations
@@ -49,10 +47,10 @@ __all__ = [
     "ParamsSource",
     "SharedSource",
     "all_finite",
-    "CombinedGradient",
     "device_finite",
-    "combined_backward",
+    "finite_sums",
     "make_source",
+    "nonfinite_objectives",
 ]
 
 #: Bytes of one float64 block when forming G from a K×N buffer of another dtype or device:
@@ -190,129 +188,6 @@ def device_finite(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(found).sum() == 0
 
 
-def _weighted_sum(losses: Sequence[Tensor], w: np.ndarray, extra: Tensor | None) -> Tensor | None:
-    """``Σ_{k: w_k ≠ 0} w_k L_k (+ extra)``; objectives with zero weight are left out, so a
-    non-finite excluded objective cannot poison the sum through 0·inf."""
-    total = None
-    for loss, wk in zip(losses, w):
-        if wk != 0.0:
-            term = loss * float(wk)
-            total = term if total is None else total + term
-    if extra is not None:
-        total = extra if total is None else total + extra
-    return total
-
-
-class CombinedGradient:
-    """The gradient of ``Σ w_k L_k (+ extra)``, computed but not yet checked or committed.
-
-    Written straight into ``p.grad`` when no parameter has a gradient yet (so DDP's reducer
-    sees the pass), else held apart. ``finite_flag()`` gives the on-device flag to read
-    (with whatever else the caller reads in the same transfer); then ``commit()`` adds a
-    held gradient to ``p.grad`` and ``undo()`` leaves every ``p.grad`` as it was before.
-    """
-
-    def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], into_grad: bool) -> None:
-        self.params = params
-        self.grads = grads
-        self.into_grad = into_grad
-        self.present = [g for g in grads if g is not None]
-
-    @classmethod
-    def compute(
-        cls,
-        losses: Sequence[Tensor],
-        w: np.ndarray,
-        params: Sequence[Tensor],
-        extra: Tensor | None,
-        *,
-        retain_graph: bool = False,
-    ) -> CombinedGradient:
-        """One backward of ``Σ_{w_k ≠ 0} w_k L_k (+ extra)``; ``ValueError`` (with ``p.grad``
-        as it was) for a sparse gradient."""
-        total = _weighted_sum(losses, w, extra)
-        into_grad = all(p.grad is None for p in params)
-        grads: Sequence[Tensor | None] = ()
-        if total is not None:
-            if into_grad:
-                torch.autograd.backward(total, inputs=list(params), retain_graph=retain_graph)
-                grads = [p.grad for p in params]
-            else:
-                grads = torch.autograd.grad(total, list(params), allow_unused=True, retain_graph=retain_graph)
-        out = cls(params, grads, into_grad and total is not None)
-        try:
-            _require_dense(grads, "the combined loss")
-        except ValueError:
-            out.undo()
-            raise
-        return out
-
-    def finite_flag(self) -> Tensor | None:
-        """On-device ``finite_sums`` of the new gradient (None when there is none)."""
-        return finite_sums(self.present) if self.present else None
-
-    def is_finite(self, flag: bool = True) -> bool:
-        """Whether every entry is finite, given the read ``flag`` (a non-finite sum may be an
-        overflow of finite entries: confirmed entry by entry)."""
-        return flag or entrywise_finite(self.present)
-
-    def commit(self) -> None:
-        if not self.into_grad:
-            _accumulate(self.params, self.grads)
-
-    def undo(self) -> None:
-        if self.into_grad:
-            for p in self.params:
-                p.grad = None
-
-
-def combined_backward(
-    losses: Sequence[Tensor],
-    w: np.ndarray,
-    params: Sequence[Tensor],
-    extra: Tensor | None,
-    *,
-    in_place: bool = False,
-    retain_graph: bool = False,
-) -> bool:
-    """One backward of ``Σ w_k L_k (+ extra)``, accumulated into ``p.grad`` of ``params``.
-
-    Returns False, with every ``p.grad`` as it was before, if the new gradient is not
-    finite (``CombinedGradient``: into ``p.grad`` when no parameter has a gradient yet, so
-    DDP's reducer sees it, and cleared again on failure; otherwise computed apart, checked,
-    then added). ``in_place`` (under ``torch.distributed``): always
-    ``torch.autograd.backward``, so DDP's reducer also sees the synchronised pass that
-    follows ``no_sync`` micro-batches; a non-finite result then stays in ``p.grad`` (the
-    caller skips the step). ``retain_graph``: keep the graph, so that a caller can find
-    which loss was not finite.
-    """
-    if in_place and any(p.grad is not None for p in params):
-        total = _weighted_sum(losses, w, extra)
-        if total is None:
-            return True
-        torch.autograd.backward(total, inputs=list(params), retain_graph=retain_graph)
-        _require_dense([p.grad for p in params], "the combined loss")
-        return all_finite([p.grad for p in params if p.grad is not None])
-    grad = CombinedGradient.compute(losses, w, params, extra, retain_graph=retain_graph)
-    flag = grad.finite_flag()
-    if grad.is_finite(True if flag is None else bool(flag)):
-        grad.commit()
-        return True
-    grad.undo()
-    return False
-
-
-def _accumulate(params: Sequence[Tensor], grads: Iterable[Tensor | None]) -> None:
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        g = g.to(p.dtype)
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
-
-
 def _grads_of(loss: Tensor, inputs: Sequence[Tensor], *, retain_graph: bool) -> tuple[Tensor | None, ...]:
     return torch.autograd.grad(loss, list(inputs), retain_graph=retain_graph, allow_unused=True)
 
@@ -346,15 +221,14 @@ def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], numels: Sequence[
     torch.cat(parts, out=row)
 
 
+
 class GramSource(abc.ABC):
-    """Interface between the optimizer and one way of measuring G (see module docstring)."""
+    """One way of measuring G (see the module docstring). Subclasses implement ``_local`` (the
+    per-objective passes on this process) and ``_reduce`` (averaging over ranks, the Gram)."""
 
     name: ClassVar[str]
-    #: The ranks to average over (set by the optimizer; a single process by default).
-    comm: Collective = Collective(False)
 
-    @abc.abstractmethod
-    def gram(
+    def measure(
         self,
         losses: Sequence[Tensor],
         names: Sequence[str],
@@ -362,36 +236,47 @@ class GramSource(abc.ABC):
         shared: Sequence[Tensor] | None,
         *,
         keep_graph: bool,
-    ) -> np.ndarray:
-        """Raw Gram matrix (K×K float64). ``keep_graph``: the graph is needed afterwards."""
+        values: Tensor,
+        comm: Collective,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(G, host values)``: the raw Gram matrix (K×K float64) of the per-objective gradients
+        and ``values`` (the loss values, float64 on the device) on the host.
 
-    def apply(
-        self,
-        w: np.ndarray,
-        losses: Sequence[Tensor],
-        params: Sequence[Tensor],
-        extra: Tensor | None,
-        *,
-        defer: bool | str = False,
-    ) -> bool | Tensor:
-        """Accumulate ``Σ w_k ∇L_k (+ ∇extra)`` into ``p.grad``; False if not finite.
+        On one process ``values`` comes to the host in the same transfer as G. Under
+        ``torch.distributed`` the local passes run first, then one all-reduce averages the
+        values over ranks and tells every rank whether some rank's passes raised (then every
+        rank raises, instead of waiting in the next collective), then the rows (or G) are
+        averaged. ``keep_graph``: the graph is needed afterwards (a combined backward, or the
+        caller's own)."""
+        self.check_shared(shared)
+        if not comm.active:
+            local = self._local(losses, names, params, shared, keep_graph, comm)
+            return self._reduce(local, params, comm, values)
+        failure: BaseException | None = None
+        local = None
+        try:
+            local = self._local(losses, names, params, shared, keep_graph, comm)
+        except Exception as err:  # carried to every rank by the next all-reduce
+            failure = err
+        host = comm.mean_losses(values.cpu().numpy(), values.device, failure=failure)
+        gram, _ = self._reduce(local, params, comm, None)
+        return gram, host
 
-        Under ``torch.distributed`` this is an ordinary backward: DDP averages it.
-        ``defer`` (``skip_on_device``): the gradient is added whatever it holds, and its
-        finiteness returned as an on-device 0-dim bool tensor (``device_finite``), not read;
-        ``defer="quiet"``: not even computed (the step checks every ``p.grad`` itself)."""
-        if defer:
-            grad = CombinedGradient.compute(losses, w, params, extra)
-            flag = device_finite(grad.present) if defer != "quiet" and grad.present else None
-            grad.commit()
-            return True if flag is None else flag
-        return combined_backward(losses, w, params, extra, in_place=self.comm.active)
+    @abc.abstractmethod
+    def _local(self, losses, names, params, shared, keep_graph: bool, comm: Collective) -> Tensor:
+        """The per-objective gradients of this process (rows, K×n)."""
+
+    def _reduce(
+        self, rows: Tensor, params: Sequence[Tensor], comm: Collective, carry: Tensor | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """G of the rows averaged over ranks, and ``carry`` read in the same transfer."""
+        return self._gram(comm.mean_(rows), carry=carry)
 
     def release(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Drop any per-step buffers."""
 
     #: Attributes holding scratch buffers kept between steps: left out of pickles and copies.
-    _SCRATCH: ClassVar[tuple[str, ...]] = ("_buffer", "_storage", "_host", "_rows_buf", "_gram_ws", "carry")
+    _SCRATCH: ClassVar[tuple[str, ...]] = ("_buffer", "_storage", "_host", "_rows_buf", "_gram_ws")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -400,20 +285,15 @@ class GramSource(abc.ABC):
                 state[key] = None
         return state
 
-    #: Set by the optimizer around ``gram()``: a 1-D float64 device tensor (the loss values)
-    #: that ``_gram`` brings to the host with G in one transfer, as ``carried`` (numpy).
-    carry: Tensor | None = None
-
-    def _gram(self, rows: Tensor, device: torch.device | None = None) -> np.ndarray:
+    def _gram(
+        self, rows: Tensor, device: torch.device | None = None, carry: Tensor | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """``rows @ rowsᵀ`` (K×K) in float64, with this source's conversion block kept between
-        steps; ``self.carry`` (if set) comes along in the same transfer, as ``self.carried``."""
+        steps; ``carry`` (if given) comes along in the same transfer."""
         ws = self.__dict__.get("_gram_ws")
         if ws is None:
             ws = self._gram_ws = _GramWorkspace()
-        g, carried = ws.gram(rows, device, self.carry)
-        if carried is not None:
-            self.carried = carried
-        return g
+        return ws.gram(rows, device, carry)
 
     def _rows(self, shape: tuple[int, int], like: Sequence[Tensor]) -> Tensor:
         """The K×n buffer (float32 or wider) for gradients w.r.t. ``like``, kept between
@@ -470,9 +350,10 @@ class ExactSource(GramSource):
     """Full per-objective gradients over all trainable parameters, kept in a K×N buffer.
 
     The buffer is reused from step to step (it coexists with the retained graph during the
-    K backward passes anyway, so keeping it does not raise the peak); the update is
-    ``wᵀ·buffer``, one pass over it, with no further backward. Without an ``extra`` loss the
-    update is proven finite from G (``_finite_combination``), so it is never read again.
+    K backward passes anyway, so keeping it does not raise the peak). After ``measure`` it is
+    ``rows`` (averaged over ranks), from which ``apply.write_gradient`` combines the update
+    ``wᵀ·rows`` with no further backward; ``used`` says which parameters any loss reached
+    and ``norms`` (``‖g_k‖`` from G) proves the update finite without reading it.
     (Keeping the K per-parameter gradient sets instead of copying them into the buffer was
     slower on CPU: fresh multi-MB allocations every step are paid in page faults.)
     """
@@ -482,11 +363,15 @@ class ExactSource(GramSource):
     def __init__(self) -> None:
         self._buffer: Tensor | None = None  # this step's gradients (None outside a step)
         self._storage: Tensor | None = None  # kept between steps
-        self._used: list[bool] = []  # which parameters this step's losses reach
-        self._norms: np.ndarray | None = None  # ‖g_k‖ (K,) from this step's G
+        self.used: list[bool] = []  # which parameters this step's losses reach
+        self.norms: np.ndarray | None = None  # ‖g_k‖ (K,) from this step's G
 
-    def gram(self, losses, names, params, shared, *, keep_graph):
-        self.check_shared(shared)
+    @property
+    def rows(self) -> Tensor | None:
+        """This step's per-objective gradients (K×N, averaged over ranks), until ``release``."""
+        return self._buffer
+
+    def _local(self, losses, names, params, shared, keep_graph, comm):
         numels = _numels(params)
         shape = (len(losses), sum(numels))
         buf = self._storage = _reuse(self._storage, shape, _grad_dtype(params), params[0].device)
@@ -498,50 +383,15 @@ class ExactSource(GramSource):
             _flatten_into(buf[k], grads, numels)
             used = [u or g is not None for u, g in zip(used, grads)]
             del grads
-        self._used = used
-        self._buffer = self.comm.mean_(buf)  # autograd.grad bypasses DDP: average across ranks here
-        gram = self._gram(buf)
-        self._norms = np.sqrt(np.diag(gram))  # proves apply()'s update finite without reading it
-        return gram
+        # Under torch.distributed ranks may differ in which parameters they reach.
+        self.used = [True] * len(params) if comm.active else used
+        return buf
 
-    def apply(self, w, losses, params, extra, *, defer=False):
-        buf = self._buffer
-        assert buf is not None, "apply() before gram()"
-        idx = np.flatnonzero(w)
-        if idx.size == len(w):  # one matrix-vector product over the buffer
-            direction = torch.as_tensor(w, dtype=buf.dtype).to(buf.device) @ buf
-        elif idx.size:  # skip excluded rows: 0 · (non-finite row) would poison the sum
-            direction = buf[idx[0]] * float(w[idx[0]])
-            for k in idx[1:]:
-                direction.add_(buf[k], alpha=float(w[k]))
-        else:
-            direction = torch.zeros_like(buf[0])
-        self.release()
-        numels = _numels(params)
-        used = list(self._used)
-        if extra is not None:
-            extra_grads = _grads_of(extra, params, retain_graph=False)
-            _flatten_add(direction, extra_grads, numels)
-            used = [u or g is not None for u, g in zip(used, extra_grads)]
-            self.comm.mean_(direction)  # extra's gradient is local; the rest is already the mean
-        # Without ``extra``, G proves the update finite (no pass over it, no device sync): the
-        # combined rows have a finite ‖g_k‖, so finite entries, and |d_i| ≤ Σ_k |w_k| ‖g_k‖.
-        norms = self._norms
-        proven = extra is None and norms is not None and _finite_combination(w[idx], norms[idx], buf.dtype)
-        deferred: bool | Tensor = True
-        if not proven:
-            if defer:  # the step checks p.grad on the device
-                deferred = True if defer == "quiet" else device_finite([direction])
-            elif not all_finite([direction]):
-                return False
-        if self.comm.active:  # ranks may differ in which parameters they reach
-            used = [True] * len(params)
-        # Like loss.backward(): parameters no loss reaches get no gradient (None stays None, so
-        # AdamW applies no weight decay and SGD no momentum to them).
-        _accumulate(
-            params, [_as_param(seg, p) if u else None for seg, p, u in zip(direction.split(numels), params, used)]
-        )
-        return deferred
+    def _reduce(self, rows, params, comm, carry):
+        self._buffer = comm.mean_(rows)  # autograd.grad bypasses DDP: average across ranks here
+        gram, carried = self._gram(rows, carry=carry)
+        self.norms = np.sqrt(np.diag(gram))  # proves the update finite without reading it
+        return gram, carried
 
     def release(self):
         self._buffer = None
@@ -579,8 +429,7 @@ class ExactLeanSource(GramSource):
     def __init__(self) -> None:
         self._host: Tensor | None = None
 
-    def gram(self, losses, names, params, shared, *, keep_graph):
-        self.check_shared(shared)
+    def _local(self, losses, names, params, shared, keep_graph, comm):
         numels = _numels(params)
         device = params[0].device
         dtype = _grad_dtype(params)
@@ -588,22 +437,34 @@ class ExactLeanSource(GramSource):
         on_host = device.type == "cpu"
         host = self._host = _reuse(self._host, shape, dtype, torch.device("cpu"), pin=device.type == "cuda")
         scratch = None if on_host else torch.empty(shape[1], dtype=dtype, device=device)
+        failure: BaseException | None = None
         for k, loss in enumerate(losses):
-            grads = _grads_of(loss, params, retain_graph=True)
-            _require_path(grads, names[k], "any trainable parameter")
-            if scratch is None:
-                _flatten_into(host[k], grads, numels)
-                del grads
-                self.comm.mean_(host[k])
-            else:
-                _flatten_into(scratch, grads, numels)
-                del grads
+            row = host[k] if scratch is None else scratch
+            if failure is None:
+                try:
+                    grads = _grads_of(loss, params, retain_graph=True)
+                    _require_path(grads, names[k], "any trainable parameter")
+                    _flatten_into(row, grads, numels)
+                    del grads
+                except Exception as err:
+                    if not comm.active:
+                        raise
+                    failure = err  # keep taking part in the rows' all-reduces, then raise
+            if failure is not None:
+                row.fill_(float("nan"))
+            comm.mean_(row)  # each row as it comes: one full gradient on the device at a time
+            if scratch is not None:
                 # Asynchronous into pinned memory: no host wait per objective. Stream order keeps
                 # it safe: the next flatten into ``scratch`` and the Gram's copies back to the
                 # device come after this copy on the same stream, and the host never reads ``host``.
-                host[k].copy_(self.comm.mean_(scratch), non_blocking=True)
+                host[k].copy_(scratch, non_blocking=True)
         del scratch
-        return self._gram(host, device=device)
+        if failure is not None:
+            raise failure
+        return host
+
+    def _reduce(self, rows, params, comm, carry):
+        return self._gram(rows, device=params[0].device, carry=carry)  # rows already averaged, one at a time
 
 
 class SharedSource(GramSource):
@@ -626,8 +487,7 @@ class SharedSource(GramSource):
                     "losses were computed from, not a detached copy"
                 )
 
-    def gram(self, losses, names, params, shared, *, keep_graph):
-        self.check_shared(shared)
+    def _local(self, losses, names, params, shared, keep_graph, comm):
         assert shared is not None
         numels = _numels(shared)
         buf = self._rows((len(losses), sum(numels)), shared)
@@ -652,7 +512,11 @@ class SharedSource(GramSource):
                 f"loss {blind[0]!r} has no path to the shared tensor(s): gram='shared' needs every loss computed "
                 "from them (use gram='exact' or 'params' for losses that bypass them)"
             )
-        return self.comm.gram_of_mean(self._gram(buf), buf.device)  # (1/R²) Σ_r G_r
+        return buf
+
+    def _reduce(self, rows, params, comm, carry):
+        gram, carried = self._gram(rows, carry=carry)
+        return comm.gram_of_mean(gram, rows.device), carried  # (1/R²) Σ_r G_r
 
 
 class ParamsSource(GramSource):
@@ -666,15 +530,25 @@ class ParamsSource(GramSource):
             unique.setdefault(id(p), p)
         self.gram_params = list(unique.values())
 
-    def gram(self, losses, names, params, shared, *, keep_graph):
-        self.check_shared(shared)
+    def _local(self, losses, names, params, shared, keep_graph, comm):
         numels = _numels(self.gram_params)
         buf = self._rows((len(losses), sum(numels)), self.gram_params)
         for k, loss in enumerate(losses):
             grads = _grads_of(loss, self.gram_params, retain_graph=True)
             _require_path(grads, names[k], "any of gram_params")
             _flatten_into(buf[k], grads, numels)
-        return self._gram(self.comm.mean_(buf))
+        return buf
+
+
+def nonfinite_objectives(losses: Sequence[Tensor], params: Sequence[Tensor], among: np.ndarray) -> np.ndarray:
+    """Which objectives (among ``among``, (K,) bool) have a non-finite gradient: one backward
+    each, on the retained graph (only after a combined backward failed under
+    ``nonfinite="exclude"``)."""
+    bad = np.zeros(len(losses), dtype=bool)
+    for k in np.flatnonzero(among):
+        grads = torch.autograd.grad(losses[k], list(params), retain_graph=True, allow_unused=True)
+        bad[k] = not all_finite([g for g in grads if g is not None])
+    return bad
 
 
 GRAM_SOURCES: dict[str, Callable[..., GramSource]] = {

@@ -29,17 +29,20 @@ class WeightingState:
         warm: the last QP solution α* (K,), a warm start for the next solve; None before.
         loss_weights: the per-loss weights w (K,) reused on cached steps
             (``refresh_every > 1``); None before the first committed step.
+        external: a stateful callable weighting's own state after the last committed step
+            (``CallableWeighting``: its tensors and plain attributes); None otherwise.
     """
 
     alpha: np.ndarray | None = None
     warm: np.ndarray | None = None
     loss_weights: np.ndarray | None = None
+    external: dict[str, Any] | None = None
 
     def copy(self) -> WeightingState:
         def c(x: np.ndarray | None) -> np.ndarray | None:
             return None if x is None else x.copy()
 
-        return WeightingState(c(self.alpha), c(self.warm), c(self.loss_weights))
+        return WeightingState(c(self.alpha), c(self.warm), c(self.loss_weights), self.external)
 
     def warm_start(self, valid: np.ndarray) -> np.ndarray | None:
         """The last α* restricted to ``valid`` (K,) bool, as a QP warm start; None when there is
@@ -83,6 +86,13 @@ class Weighting(abc.ABC):
 
     #: The name ``MarbleOptimizer(weighting=...)`` and ``loss_weights`` accept.
     name: ClassVar[str] = ""
+    #: Whether the same Gram and state always give the same weights (then every rank of a
+    #: data-parallel job computes them itself; otherwise they are broadcast from the first).
+    deterministic: ClassVar[bool] = True
+
+    def load(self, state: WeightingState) -> None:  # noqa: B027 - a no-op for weightings whose state is all in ``state``
+        """Make the weighting's own state (if any lives outside ``state``) match ``state``: after
+        a step that was not taken, and after ``load_state_dict``."""
 
     def weigh(
         self,
