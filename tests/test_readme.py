@@ -85,3 +85,84 @@ def test_readme_quickstart_prints_what_the_readme_says(tmp_path: Path) -> None:
     summed, marble = printed["AdamW on the sum"], printed["MARBLE"]
     assert marble["mid"] * 100 < summed["mid"], proc.stdout
     assert marble["big"] <= 1.1 * summed["big"], proc.stdout
+
+
+# --- every command in the README's bash blocks runs, or is skipped here for a stated reason ---
+
+# Commands (matched by prefix, after `python` is read as this interpreter) that the test does
+# not run, each with its reason. Everything else in a ```bash block must run on a CPU in
+# under a minute, and does.
+SKIPPED = {
+    "python3 -m venv .venv": "creates a virtualenv and installs torch and the package from the index (minutes, network); .ci/run performs the same steps on every CI run",
+    "git clone": "network access; the tests run inside the clone",
+    "pip install": "installs packages (network); the test environment has them. The docs line's `mkdocs build --strict` is run offline by tests/test_docs.py",
+    "python examples/sd35_marble/train.py --output-dir runs/digits": "300 steps, about a minute on one core: over the budget; the --max-steps 2 line runs the same loop",
+    "python examples/sd35_marble/train.py --combine weighted-sum": "300 steps, over the budget; tests/test_example.py runs every --combine method for one step",
+    "bash .ci/run": "runs this test suite in a fresh virtualenv (recursive, minutes)",
+    "ruff check": "a lint, not a behaviour; ruff is run separately",
+}
+
+
+def bash_commands() -> list[str]:
+    """Every command line of the README's ```bash blocks (comments stripped, `&&` chains kept)."""
+    text = README.read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+        for line in block.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def _skip_reason(command: str) -> str | None:
+    for prefix, reason in SKIPPED.items():
+        if command.startswith(prefix):
+            return reason
+    return None
+
+
+def test_the_skip_list_is_current() -> None:
+    commands = bash_commands()
+    assert commands, "README.md has no ```bash block"
+    for prefix in SKIPPED:
+        assert any(c.startswith(prefix) for c in commands), f"skip entry {prefix!r} matches no README command"
+
+
+def test_every_fast_readme_command_runs(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    ran = []
+    for command in bash_commands():
+        if _skip_reason(command) is not None:  # a skipped line is skipped whole, `&&` chain included
+            continue
+        part = re.sub(r"^python ", f"{sys.executable} ", command).replace("runs/", f"{tmp_path}/runs/")
+        proc = subprocess.run(part, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (part, proc.stdout[-2000:], proc.stderr[-3000:])
+        ran.append(part)
+    assert any("train.py --max-steps 2" in c for c in ran), ran
+    assert (tmp_path / "runs/smoke/metrics.jsonl").is_file()
+    assert (tmp_path / "runs/smoke.png").is_file()
+
+
+# --- the numbers of the README's conclusions table come from the result files it cites ---
+
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+\.\d+(?:e-?\d+)?(?:×| µs)?|(?<![\w.])\d+%")
+
+
+def test_readme_conclusions_quote_their_result_files() -> None:
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r"^## Benchmarks: conclusions$(.*?)^## ", text, flags=re.S | re.M)
+    assert match, "README.md has no '## Benchmarks: conclusions' section"
+    rows = [r for r in match.group(1).splitlines() if r.startswith("| [")]
+    assert len(rows) >= 4, rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        cited = re.findall(r"\]\((benchmarks/results/[^)]+\.md)\)", cells[-1])
+        assert len(cited) == 1, row
+        source = (ROOT / cited[0]).read_text(encoding="utf-8")
+        numbers = NUMBER.findall(cells[1])
+        assert numbers, row
+        for number in numbers:
+            bare = number.lstrip("+")
+            assert bare in source or bare.replace("-", "−") in source, (number, cited[0])
