@@ -131,3 +131,49 @@ def test_the_logging_guide_flattens_a_report_into_json_ready_scalars() -> None:
     # the loss weights w_k do not sum to one (the guide says so): they carry 1/‖g_k‖
     assert sum(report.loss_weights.values()) != pytest.approx(1.0, abs=1e-3)
     assert sum(report.weights.values()) == pytest.approx(1.0, abs=1e-12)
+
+
+def _guide_block(page: str, marker: str) -> str:
+    """The ```python block of a docs page that contains ``marker``."""
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M) if marker in b]
+    assert len(blocks) == 1, (page, marker, len(blocks))
+    return blocks[0]
+
+
+def test_the_grad_scaler_recipe_for_nonfinite_skip_runs_and_backs_off() -> None:
+    """docs/guides/mixed-precision.md's `nonfinite="skip"` recipe, run as written on CPU (its
+    "cuda" read as "cpu"): on an overflowing batch nothing moves, the scale is lowered, and the
+    next good batch trains."""
+    code = _guide_block("guides/mixed-precision.md", 'nonfinite="skip"')
+    code = code.replace("torch.amp.GradScaler()", 'torch.amp.GradScaler("cpu", init_scale=1024.0)')
+    code = code.replace('torch.autocast("cuda"', 'torch.autocast("cpu"')
+    model = _model()
+    x, y = _data()
+    loader = [0, 1, 2]  # batch 1 overflows
+
+    def compute_losses(model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
+        z = model(x).float()
+        losses = {f"t{i}": nn.functional.mse_loss(z[:, i], y[:, i]) for i in range(3)}
+        if batch == 1:
+            losses["t1"] = losses["t1"] * float("inf")
+        return losses
+
+    namespace = {"torch": torch, "MarbleOptimizer": MarbleOptimizer, "model": model, "loader": []}
+    namespace["compute_losses"] = compute_losses
+    exec(compile(code, "mixed-precision.md", "exec"), namespace)  # builds opt and scaler (empty loader)
+    opt, scaler = namespace["opt"], namespace["scaler"]
+    loop = code[code.index("for batch in loader:") :]
+    for batch in loader:
+        before = [p.detach().clone() for p in model.parameters()]
+        scale = scaler.get_scale()
+        exec(
+            compile(loop, "mixed-precision.md", "exec"), {**namespace, "loader": [batch], "opt": opt, "scaler": scaler}
+        )
+        after = list(model.parameters())
+        moved = any(not torch.equal(a, b) for a, b in zip(after, before))
+        if batch == 1:
+            assert not moved, "a skipped backward moved the parameters"
+            assert scaler.get_scale() < scale, "the scale was not lowered after the overflow"
+        else:
+            assert moved, f"batch {batch} did not train"
