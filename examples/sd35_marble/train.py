@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--resume",
-        "continue the run in --output-dir from its checkpoint if there is one, else start it",
+        "continue the run in --output-dir from its newest complete checkpoint if there is one, else start it",
         action=argparse.BooleanOptionalAction,
     )
     add("--report-to", "tracker through accelerate (tensorboard logs under --output-dir)")
