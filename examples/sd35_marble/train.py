@@ -977,8 +977,12 @@ class Trainer:
             src = self.adapter.weights(which)
         return {k: v.detach().float().cpu().contiguous() for k, v in src.items()}
 
+    def save_samples(self) -> None:
+        """Evaluate (``evaluate``) and write the evaluation images through the adapter."""
+        self.evaluate(write=True)
+
     @torch.no_grad()
-    def save_samples(self, write: bool = True) -> None:
+    def evaluate(self, write: bool = False) -> None:
         """The adapter's fixed evaluation prompts from fixed noise with the current policy: their
         rewards (and the adapter's ``eval_metrics``) appended to ``eval.jsonl``, the images
         written by the adapter when ``write``."""
@@ -1152,7 +1156,7 @@ class Trainer:
             acc.print(f"nothing to do: the run in {self.out} is at step {self.step} >= --max-steps {cfg.max_steps}")
             return 0
         if self.step == 0 and acc.is_main_process:  # the "before" of the evaluation
-            self.save_samples(write=self.adapter.sample_at_start)
+            self.save_samples() if self.adapter.sample_at_start else self.evaluate()
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
