@@ -124,6 +124,8 @@ def log_mark(path: Path) -> dict[str, Any]:
 def check_log(path: Path, mark: dict[str, Any], checkpoint: Path, fix: str) -> None:
     """Raise ``RunFileError`` unless the first ``mark["bytes"]`` bytes of ``path`` are the rows
     recorded with ``checkpoint``."""
+    if not isinstance(mark, dict) or not {"bytes", "rows", "sha256"} <= set(mark):
+        raise RunFileError(f"{checkpoint / STATE_FILE}: no valid record of {path.name}; {fix}")
     size = path.stat().st_size if path.exists() else 0
     fix = f"restore the file, or {fix}, or start again in a new --output-dir"
     if size < mark["bytes"]:

@@ -1074,8 +1074,9 @@ class Trainer:
         _, ckpt = newest
         fix = self.store.before(ckpt)
         state = read_json(ckpt / STATE_FILE, fix)
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            raise RunFileError(f"{ckpt / STATE_FILE} does not hold a checkpoint's state; {fix}")
+        needed = {"step", "num_processes", "metrics", "eval", "files"}
+        if not isinstance(state, dict) or not needed <= set(state) or not isinstance(state["step"], int):
+            raise RunFileError(f"{ckpt / STATE_FILE} does not hold a checkpoint's state {sorted(needed)}; {fix}")
         check_manifest(ckpt, state, fix)
         if state["num_processes"] != acc.num_processes:
             raise ConfigError(
