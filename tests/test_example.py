@@ -158,7 +158,7 @@ def test_resume_continues_the_step_count(tiny_run, tmp_path):
     rows = rows_of(resumed)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[:2] == rows_of(tiny_run)
-    assert json.loads((resumed / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert json.loads((resumed / "checkpoints" / "step_000003" / "trainer_state.json").read_text())["step"] == 3
     assert (resumed / "samples" / "step_000003.png").is_file()
     assert (resumed / "pytorch_lora_weights.safetensors").read_bytes() != (
         tiny_run / "pytorch_lora_weights.safetensors"

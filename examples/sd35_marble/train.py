@@ -39,10 +39,14 @@ Examples::
     python examples/sd35_marble/train.py --preset tiny --max-steps 2 --output-dir /tmp/run
     accelerate launch examples/sd35_marble/train.py --preset sd35-medium --output-dir runs/sd35
 
-Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per optimizer step), the
-trained weights (``pytorch_lora_weights.safetensors`` in diffusers' format for SD3,
-``digits_policy.safetensors`` for digits), ``samples/`` (PNG grids; digits: also
-``eval_samples_step_XXXXXX.npz``), ``config.json`` and ``checkpoint/`` (for ``--resume``).
+Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per optimizer step),
+``eval.jsonl`` (the rewards of the fixed evaluation batch before training and at every
+``--sample-every``), the trained weights (``pytorch_lora_weights.safetensors`` in diffusers'
+format for SD3, ``digits_policy.safetensors`` for digits), ``samples/`` (PNG grids; digits:
+also ``eval_samples_step_XXXXXX.npz``), ``config.json`` and ``checkpoints/step_XXXXXX/`` (for
+``--resume``; written so that a crash at any moment leaves a resumable run: see
+``checkpoints.py``). Every run ends with a summary: each reward before → after on the
+evaluation batch, the files written and the commands that plot and resume it.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -67,6 +72,22 @@ if str(HERE) not in sys.path:
 import torch  # noqa: E402
 from adapters import Cond, ConfigError, ModelAdapter, adapter_class, take  # noqa: E402
 from adapters.sd3 import ATTENTION_TARGETS, SD35_MEDIUM, load_prompt_files  # noqa: E402
+from checkpoints import (  # noqa: E402
+    STATE_FILE,
+    CheckpointStore,
+    RunFileError,
+    append_line,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_log,
+    check_manifest,
+    log_mark,
+    manifest,
+    move_files,
+    read_json,
+    sync_file,
+    truncate_log,
+)
 from rewards import REWARDS, RewardLoadError, check_reward_names  # noqa: E402
 from sd35 import LORA_TARGETS as SD35_LORA_TARGETS  # noqa: E402
 
@@ -152,6 +173,7 @@ class Config:
     grid_prompts: int = 4
     grid_images_per_prompt: int = 4
     checkpoint_every: int = 50
+    checkpoints_keep: int = 2
     resume: bool = False
     # digits preset
     reward_suite: str = "mismatch"
@@ -274,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--resume",
-        "continue the run in --output-dir from its checkpoint if there is one, else start it",
+        "continue the run in --output-dir from its newest complete checkpoint if there is one, else start it",
         action=argparse.BooleanOptionalAction,
     )
     add("--report-to", "tracker through accelerate (tensorboard logs under --output-dir)")
@@ -358,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--grid-prompts", "prompts in a sample grid", type=int)
     add("--grid-images-per-prompt", "images per prompt in a sample grid", type=int)
     add("--checkpoint-every", "save a checkpoint every N steps (and at the last)", type=int)
+    add("--checkpoints-keep", "how many of the newest checkpoints to keep in checkpoints/", type=int)
     return p
 
 
@@ -405,13 +428,20 @@ def resolve_config(args: argparse.Namespace) -> Config:
     output_dir = cli.get("output_dir", file.get("output_dir", Config.output_dir))
     resume = cli.get("resume", file.get("resume", False))
     saved_path = Path(output_dir) / "config.json"
-    state = Path(output_dir) / "checkpoint" / "trainer_state.json"
-    if resume and not (state.is_file() and saved_path.is_file()):
+    newest = CheckpointStore(output_dir).newest()
+    if resume and newest is None:
         resume = False  # nothing to continue: --resume starts the run
         cli = {**cli, "resume": False}
         file = {**file, "resume": False}
     if resume:
-        saved = json.loads(saved_path.read_text())
+        assert newest is not None
+        saved = read_json(
+            saved_path,
+            f"copy {newest[1] / 'config.json'} (the configuration saved with the newest checkpoint) over it, "
+            "or start again in a new --output-dir",
+        )
+        if not isinstance(saved, dict):
+            raise RunFileError(f"{saved_path} does not hold a JSON object; copy {newest[1] / 'config.json'} over it")
         for key in FIXED_ON_RESUME:
             for source, values in (("--config", file), ("the command line", cli)):
                 if key in values and values[key] != saved.get(key):
@@ -481,6 +511,7 @@ def validate(cfg: Config) -> None:
         "refresh_every",
         "sample_every",
         "checkpoint_every",
+        "checkpoints_keep",
         "grid_prompts",
         "grid_images_per_prompt",
         "max_sequence_length",
@@ -521,6 +552,7 @@ def validate(cfg: Config) -> None:
     if cfg.preset == "digits":
         if cfg.pretrain_seed < 0:
             raise ConfigError(f"--pretrain-seed must be >= 0, got {cfg.pretrain_seed!r}")
+        _validate_digits_rewards(cfg)
         return
     try:
         check_reward_names(cfg.rewards)
@@ -538,12 +570,51 @@ def validate(cfg: Config) -> None:
         )
 
 
+def _validate_digits_rewards(cfg: Config) -> None:
+    """The digits preset: ``--rewards`` picks digits rewards (default: the ``--reward-suite``'s);
+    unknown names, reward options and ``--reward-weights`` keys outside the run's rewards are refused."""
+    from digits.rewards import DIGIT_REWARDS, REWARD_SUITES
+
+    if cfg.reward_suite not in REWARD_SUITES:
+        raise ConfigError(f"--reward-suite {cfg.reward_suite!r}: choose one of {list(REWARD_SUITES)}")
+    unknown = [n for n in cfg.rewards if n not in DIGIT_REWARDS]
+    if unknown:
+        raise ConfigError(
+            f"--rewards: unknown digits reward {', '.join(map(repr, unknown))}; the digits rewards are "
+            f"{', '.join(DIGIT_REWARDS)} (leave --rewards out to train the --reward-suite's)"
+        )
+    repeated = sorted({n for n in cfg.rewards if cfg.rewards.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"--rewards: reward {', '.join(map(repr, repeated))} given more than once")
+    if cfg.reward_options:
+        raise ConfigError(
+            f"--reward-options {sorted(cfg.reward_options)}: the digits rewards take no options; leave it out"
+        )
+    names = list(cfg.rewards) or REWARD_SUITES[cfg.reward_suite]
+    unknown = sorted(set(cfg.reward_weights) - set(names))
+    if unknown:
+        raise ConfigError(f"--reward-weights names {unknown}, which are not among the rewards of this run {names}")
+
+
 # ---- small helpers -------------------------------------------------------------------------------
 def finite_or_none(value: Any) -> Any:
     """JSON has no NaN: non-finite floats are logged as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+METRICS_LOG = "metrics.jsonl"
+EVAL_LOG = "eval.jsonl"
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` into memory (written to disk by ``atomic_write_bytes``)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 #: Key of DiffusionNFT's single combined advantage (``--combine weighted-sum``).
@@ -604,6 +675,9 @@ class Trainer:
             )
         self.device = acc.device
         self.out = Path(cfg.output_dir)
+        self.store = CheckpointStore(self.out)
+        #: the checkpoint this run resumed from, with its trainer_state.json
+        self.resumed_from: tuple[Path, dict[str, Any]] | None = None
         self.local_prompts = cfg.prompts_per_step // acc.num_processes
         adapter_cls = adapter_class(cfg.preset)
         # rewards after the Accelerator (each rank's models on its device), before the model
@@ -903,9 +977,15 @@ class Trainer:
             src = self.adapter.weights(which)
         return {k: v.detach().float().cpu().contiguous() for k, v in src.items()}
 
-    @torch.no_grad()
     def save_samples(self) -> None:
-        """Images of the adapter's fixed evaluation prompts from fixed noise with the current policy."""
+        """Evaluate (``evaluate``) and write the evaluation images through the adapter."""
+        self.evaluate(write=True)
+
+    @torch.no_grad()
+    def evaluate(self, write: bool = False) -> None:
+        """The adapter's fixed evaluation prompts from fixed noise with the current policy: their
+        rewards (and the adapter's ``eval_metrics``) appended to ``eval.jsonl``, the images
+        written by the adapter when ``write``."""
         cfg, a = self.cfg, self.adapter
         prompts = a.eval_prompts()
         n = cfg.grid_images_per_prompt
@@ -916,13 +996,32 @@ class Trainer:
             noise = torch.randn((n, *a.latent_shape), generator=gen).to(self.device)
             x = self.sample(noise, take(cond, torch.full((n,), i)), policy="default")
             images.append(a.decode(x))
-        a.write_samples(self.out, self.step, torch.cat(images), prompts, n)
+        batch = torch.cat(images)
+        per_sample = [p for p in prompts for _ in range(n)]
+        scores = self._score_chunk(batch, a.reward_prompts(per_sample))
+        row: dict[str, Any] = {"step": self.step, "samples": int(batch.shape[0])}
+        row.update({f"reward/{k}": nan_mean(v) for k, v in scores.items()})
+        row.update(a.eval_metrics(batch, per_sample))
+        if write:  # into a staging folder, then each file into place by one rename
+            staging = self._staging()
+            a.write_samples(staging, self.step, batch, prompts, n)
+            move_files(staging, self.out)
+            shutil.rmtree(staging, ignore_errors=True)
+        append_line(self.out / EVAL_LOG, json.dumps({k: finite_or_none(v) for k, v in row.items()}, allow_nan=False))
+
+    def _staging(self) -> Path:
+        staging = self.out / ".staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        return staging
 
     def save_checkpoint(self) -> None:
-        from safetensors.torch import save_file
+        """``checkpoints/step_XXXXXX``: written into a hidden folder (each file through a temporary
+        name), exported weights moved into place, then made visible by one rename; the newest
+        ``--checkpoints-keep`` are kept."""
+        from safetensors.torch import save as safetensors_bytes
 
-        acc = self.accelerator
-        ckpt, tmp = self.out / "checkpoint", self.out / "checkpoint.tmp"
+        cfg, acc = self.cfg, self.accelerator
         if acc.num_processes > 1:  # DDP keeps the replicas identical: check it before saving one of them
             local = torch.stack([p.detach().double().sum() for p in self.params]).to(self.device)
             every = acc.gather(local[None]).cpu()
@@ -930,75 +1029,123 @@ class Trainer:
                 raise RuntimeError(f"step {self.step}: the trained weights differ between processes")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            tmp = self.store.begin(self.step)
         acc.wait_for_everyone()
+        tmp = self.store.root / f".tmp-step_{self.step:06d}"
         rng = {"gen": self.gen.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, tmp / f"rng_{acc.process_index}.pt")
+        atomic_write_bytes(tmp / f"rng_{acc.process_index}.pt", _torch_bytes(rng))
         whiches = ("default", "old") + (("ema",) if self.ema is not None else ())
         if acc.is_main_process:
             for which in whiches:
-                save_file(self.weight_tensors(which), str(tmp / f"weights_{which}.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(
-                {"prompt_rng": self.prompt_rng.getstate(), "adapter": self.adapter.extra_state()}, tmp / "prompt_rng.pt"
-            )
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "num_processes": acc.num_processes}))
+                data = safetensors_bytes(self.weight_tensors(which))
+                atomic_write_bytes(tmp / f"weights_{which}.safetensors", data)
+            atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(self.optimizer.state_dict()))
+            extra = {"prompt_rng": self.prompt_rng.getstate(), "adapter": self.adapter.extra_state()}
+            atomic_write_bytes(tmp / "prompt_rng.pt", _torch_bytes(extra))
+            atomic_write_text(tmp / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            old = self.out / "checkpoint.old"
-            if ckpt.exists():
-                ckpt.rename(old)
-            tmp.rename(ckpt)
-            shutil.rmtree(old, ignore_errors=True)
-            self.adapter.export(self.out, {w: self.weight_tensors(w) for w in whiches if w != "old"})
+            logs = {}
+            for key, name in (("metrics", METRICS_LOG), ("eval", EVAL_LOG)):
+                sync_file(self.out / name)
+                logs[key] = log_mark(self.out / name)
+            state = {"step": self.step, "num_processes": acc.num_processes, **logs, "files": manifest(tmp)}
+            atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
+            # the exported weights go into place before the checkpoint is visible: a run whose
+            # newest checkpoint is its last step has its final weights
+            staging = self._staging()
+            self.adapter.export(staging, {w: self.weight_tensors(w) for w in whiches if w != "old"})
+            move_files(staging, self.out)
+            shutil.rmtree(staging, ignore_errors=True)
+            self.store.commit(tmp, self.step, cfg.checkpoints_keep)
         acc.wait_for_everyone()
 
     def _load_checkpoint(self) -> None:
+        """Restore the newest complete checkpoint; a file that cannot be read stops the run with
+        an error naming it and the way out."""
         from safetensors.torch import load_file
 
         acc = self.accelerator
-        ckpt = self.out / "checkpoint"
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        newest = self.store.newest()
+        if newest is None:
+            raise ConfigError(f"--resume: {self.store.root} holds no complete checkpoint")
+        _, ckpt = newest
+        fix = self.store.before(ckpt)
+        state = read_json(ckpt / STATE_FILE, fix)
+        needed = {"step", "num_processes", "metrics", "eval", "files"}
+        if not isinstance(state, dict) or not needed <= set(state) or not isinstance(state["step"], int):
+            raise RunFileError(f"{ckpt / STATE_FILE} does not hold a checkpoint's state {sorted(needed)}; {fix}")
+        check_manifest(ckpt, state, fix)
         if state["num_processes"] != acc.num_processes:
             raise ConfigError(
                 f"--resume: the run used {state['num_processes']} processes, this one has "
                 f"{acc.num_processes}; resume with the same number"
             )
+        for key, name in (("metrics", METRICS_LOG), ("eval", EVAL_LOG)):
+            check_log(self.out / name, state[key], ckpt, fix)
+
+        def read(name: str, loader: Any) -> Any:
+            try:
+                return loader(ckpt / name)
+            except Exception as exc:  # noqa: BLE001 - any failure to read is reported with the file
+                raise RunFileError(f"{ckpt / name} cannot be read ({type(exc).__name__}: {exc}); {fix}") from exc
+
+        def restore(name: str, apply: Any, value: Any) -> None:
+            try:
+                apply(value)
+            except Exception as exc:  # noqa: BLE001
+                raise RunFileError(f"{ckpt / name} does not fit this run ({type(exc).__name__}: {exc}); {fix}") from exc
+
         for which in ("default", "old") + (("ema",) if self.ema is not None else ()):
-            sd = load_file(str(ckpt / f"weights_{which}.safetensors"))
+            name = f"weights_{which}.safetensors"
+            sd = read(name, lambda f: load_file(str(f)))
             target = self.ema if which == "ema" else self.adapter.weights(which)
-            with torch.no_grad():
-                for key, p in target.items():
-                    p.copy_(sd[key])
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu"))  # moved by torch
-        extra = torch.load(ckpt / "prompt_rng.pt")
-        self.prompt_rng.setstate(extra["prompt_rng"])
-        self.adapter.load_extra_state(extra.get("adapter", {}))
-        rng = torch.load(ckpt / f"rng_{acc.process_index}.pt")
-        self.gen.set_state(rng["gen"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+
+            def copy_into(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor] = target) -> None:
+                with torch.no_grad():
+                    for key, p in target.items():
+                        p.copy_(sd[key])
+
+            restore(name, copy_into, sd)
+        optim = read("optimizer.pt", lambda f: torch.load(f, map_location="cpu"))  # moved by torch
+        restore("optimizer.pt", self.optimizer.load_state_dict, optim)
+        extra = read("prompt_rng.pt", torch.load)
+        restore("prompt_rng.pt", lambda e: self.prompt_rng.setstate(e["prompt_rng"]), extra)
+        restore("prompt_rng.pt", lambda e: self.adapter.load_extra_state(e.get("adapter", {})), extra)
+        rng = read(f"rng_{acc.process_index}.pt", torch.load)
+
+        def set_rng(rng: dict[str, Any]) -> None:
+            self.gen.set_state(rng["gen"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+
+        restore(f"rng_{acc.process_index}.pt", set_rng, rng)
         self.step = int(state["step"])
+        self.resumed_from = (ckpt, state)
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def train(self) -> int:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
-        metrics = self.out / "metrics.jsonl"
+        metrics = self.out / METRICS_LOG
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
-            if cfg.resume and metrics.exists():  # drop rows logged after the checkpoint
-                rows = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
-                rows = [ln for ln in rows if json.loads(ln)["step"] <= self.step]
-                metrics.write_text("".join(r + "\n" for r in rows))
-            elif not cfg.resume:
-                metrics.write_text("")
+            self.store.clean_partial()  # leftovers of an interrupted save
+            self.store.prune(cfg.checkpoints_keep)  # a save interrupted before it deleted the oldest
+            shutil.rmtree(self.out / ".staging", ignore_errors=True)
+            if self.resumed_from is not None:  # drop rows logged after the checkpoint
+                ckpt, state = self.resumed_from
+                for key, name in (("metrics", METRICS_LOG), ("eval", EVAL_LOG)):
+                    check_log(self.out / name, state[key], ckpt, self.store.before(ckpt))
+                    truncate_log(self.out / name, state[key])
+            else:
+                for name in (METRICS_LOG, EVAL_LOG):
+                    atomic_write_text(self.out / name, "")
+            atomic_write_text(self.out / "config.json", json.dumps(asdict(self.cfg), indent=2) + "\n")
         if cfg.report_to != "none":
             acc.init_trackers(
                 "sd35_marble",
@@ -1009,8 +1156,8 @@ class Trainer:
         if self.step >= cfg.max_steps:
             acc.print(f"nothing to do: the run in {self.out} is at step {self.step} >= --max-steps {cfg.max_steps}")
             return 0
-        if self.step == 0 and self.adapter.sample_at_start and acc.is_main_process:
-            self.save_samples()
+        if self.step == 0 and acc.is_main_process:  # the "before" of the evaluation
+            self.save_samples() if self.adapter.sample_at_start else self.evaluate()
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
@@ -1050,8 +1197,7 @@ class Trainer:
             if torch.cuda.is_available():
                 row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if acc.is_main_process:
-                with metrics.open("a") as fh:
-                    fh.write(json.dumps({k: finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n")
+                append_line(metrics, json.dumps({k: finite_or_none(v) for k, v in row.items()}, allow_nan=False))
             if cfg.report_to != "none":
                 acc.log(
                     {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=self.step
@@ -1075,14 +1221,79 @@ class Trainer:
 def finished_same_run(cfg: Config) -> bool:
     """True when ``cfg.output_dir`` holds a run with this exact configuration at ``max_steps``."""
     out = Path(cfg.output_dir)
+    newest = CheckpointStore(out).newest()
     try:
         saved = json.loads((out / "config.json").read_text())
-        step = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return False
+    if newest is None or not isinstance(saved, dict):
+        return False
+    step = newest[0]
     mine = asdict(cfg)
     same = all(saved.get(k) == v for k, v in mine.items() if k not in ("resume", "output_dir"))
     return same and step >= cfg.max_steps
+
+
+def _command(script: str) -> str:
+    """How to call one of the example's scripts from the current directory."""
+    path = HERE / script
+    try:
+        path = path.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return f"python {shlex.quote(str(path))}"
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break  # a row torn by a crash (the next resume truncates it)
+    return rows
+
+
+def run_summary(cfg: Config) -> str:
+    """What a run did: each reward on the evaluation batch before → after (and the adapter's
+    extra metrics, e.g. the digits judge's accuracy), the files written, the next commands."""
+    out = Path(cfg.output_dir)
+    steps = _read_rows(out / METRICS_LOG)
+    evals = _read_rows(out / EVAL_LOG)
+    lines = [f"Summary: {cfg.preset} preset, --combine {cfg.combine}, {len(steps)} optimizer steps in {out}"]
+    if len(evals) >= 1:
+        first, last = evals[0], evals[-1]
+        lines.append(
+            f"Held-out evaluation ({first.get('samples')} samples from fixed noise), "
+            f"step {first['step']} -> step {last['step']}:"
+        )
+        keys = [k for k in first if k not in ("step", "samples")]
+        for key in keys:
+            a, b = first.get(key), last.get(key)
+            label = f"reward {key.split('/', 1)[1]}" if key.startswith("reward/") else key.replace("_", " ")
+            if a is None or b is None:
+                lines.append(f"  {label}: {a} -> {b}")
+            else:
+                lines.append(f"  {label}: {a:.6g} -> {b:.6g} ({b - a:+.6g})")
+    else:
+        lines.append("Held-out evaluation: none written")
+    files = (
+        [p.name for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith(".")] if out.is_dir() else []
+    )
+    parts = files[:]
+    samples = out / "samples"
+    if samples.is_dir():
+        parts.append(f"samples/ ({sum(1 for p in samples.iterdir() if p.is_file())} files)")
+    done = CheckpointStore(out).complete()
+    if done:
+        parts.append(f"checkpoints/{done[-1][1].name} (newest of {len(done)})")
+    lines.append("Files: " + ", ".join(parts))
+    q = shlex.quote(str(out))
+    lines.append(f"Plot it:   {_command('plot.py')} {q} --out {shlex.quote(str(out / 'curves.png'))}")
+    more = "" if cfg.combine == "sequential" else f" --max-steps {2 * cfg.max_steps}"  # sequential keeps its steps
+    lines.append(f"Resume it: {_command('train.py')} --output-dir {q} --resume{more}")
+    return "\n".join(lines)
 
 
 def dry_run(cfg: Config) -> dict[str, Any]:
@@ -1132,13 +1343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "print_config", False):
             print(json.dumps(asdict(cfg), indent=2))
             return 0
-        ckpt = Path(cfg.output_dir) / "checkpoint"
-        if not cfg.resume and ckpt.exists():
+        if not cfg.resume and CheckpointStore(cfg.output_dir).newest() is not None:
             if finished_same_run(cfg):  # the same command again: nothing left to do
                 print(f"nothing to do: the run in {cfg.output_dir} already reached --max-steps {cfg.max_steps}")
+                print(run_summary(cfg))
                 return 0
             raise ConfigError(
-                f"{cfg.output_dir!r} already holds a run (checkpoint/): pass --resume to continue "
+                f"{cfg.output_dir!r} already holds a run (checkpoints/): pass --resume to continue "
                 "it, or choose another --output-dir"
             )
         if cfg.preset in ("tiny", "sd35-medium"):
@@ -1147,7 +1358,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, RewardLoadError, ValueError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    return trainer.train()
+    try:
+        status = trainer.train()
+    except RunFileError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if trainer.accelerator.is_main_process:
+        print(run_summary(cfg), flush=True)
+    return status
 
 
 if __name__ == "__main__":

@@ -113,6 +113,11 @@ class ModelAdapter(ABC):
         """Seed of the evaluation noise (held fixed across steps)."""
         return seed + 12345
 
+    def eval_metrics(self, images: Tensor, prompts: list[Any]) -> dict[str, float]:
+        """Extra numbers logged with each evaluation besides the rewards (e.g. a judge's accuracy)."""
+        del images, prompts
+        return {}
+
     def extra_state(self) -> dict[str, Any]:
         """Adapter state a checkpoint keeps besides the weights (e.g. a prompt sampler's)."""
         return {}

@@ -40,10 +40,18 @@ class DigitsAdapter(ModelAdapter):
 
     @classmethod
     def build_rewards(cls, cfg: Any, device: torch.device) -> list[Any]:
-        from digits.rewards import REWARD_SUITES, build_digits_rewards
+        from digits.rewards import DIGIT_REWARDS, REWARD_SUITES, build_digits_rewards
 
         if cfg.reward_suite not in REWARD_SUITES:
             raise ConfigError(f"--reward-suite {cfg.reward_suite!r}: choose one of {list(REWARD_SUITES)}")
+        unknown = [n for n in cfg.rewards if n not in DIGIT_REWARDS]
+        if unknown:
+            raise ConfigError(
+                f"--rewards: unknown digits reward {', '.join(map(repr, unknown))}; the digits rewards are "
+                f"{', '.join(DIGIT_REWARDS)}"
+            )
+        if cfg.rewards:  # --rewards picks digits rewards by name instead of a suite
+            return [DIGIT_REWARDS[n] for n in cfg.rewards]
         return list(build_digits_rewards(cfg.reward_suite))
 
     def __init__(self, cfg: Any, accelerator: Any) -> None:
@@ -104,6 +112,12 @@ class DigitsAdapter(ModelAdapter):
 
     def eval_seed(self, seed: int) -> int:
         return EVAL_NOISE_SEED
+
+    def eval_metrics(self, images: Tensor, prompts: list[int]) -> dict[str, float]:
+        """The independent judge's accuracy on the evaluation samples (never a reward)."""
+        from digits.judge import DigitsJudge
+
+        return {"judge_accuracy": DigitsJudge().accuracy(images, np.asarray(prompts, dtype=np.int64))}
 
     def export(self, out_dir: Path, tensors: dict[str, dict[str, Tensor]]) -> None:
         """``digits_policy.safetensors`` (and ``_ema``): ``DigitsFlow().load_state_dict`` reads them."""
