@@ -566,15 +566,20 @@ def test_each_combine_mode_on_digits(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_with_ddp_keep_identical_weights(tmp_path):
-    """accelerate launch, 2 CPU processes (gloo): the loop checks the replicas agree when it saves."""
+    """accelerate launch, 2 CPU processes (gloo): the loop checks the replicas agree when it saves.
+    (``--cpu --num_processes 2`` starts one process; ``--multi_gpu`` with ACCELERATE_USE_CPU=1
+    starts two.)"""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN)]
     cmd += ["--max-steps", "2", "--output-dir", str(out), *DIGITS_SMALL]
-    proc = subprocess.run(cmd, env=ENV, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = rows_of(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["images_per_step"] == 16
+    states = sorted(out.glob("checkpoints/*/trainer_state.json"))
+    assert states and all(json.loads(s.read_text())["num_processes"] == 2 for s in states), states
 
 
 @pytest.mark.parametrize("weighting", ["cagrad", "upgrad"])
