@@ -61,6 +61,7 @@ DEFAULT_LR = 3e-5
 #: Methods as specs: ``combine`` plus extra train.py flags.
 METHODS: dict[str, dict[str, Any]] = {
     "weighted-sum": {"combine": "weighted-sum"},
+    "gdpo": {"combine": "gdpo"},
     "equal-alpha": {"combine": "equal-alpha"},
     "sequential": {"combine": "sequential"},
     "marble": {"combine": "marble", "gram": "shared"},
@@ -258,10 +259,26 @@ def run_tasks(tasks: list[dict[str, Any]], jobs: int) -> list[dict[str, Any]]:
 
 
 # ---- analysis ------------------------------------------------------------------------------------
-def summarise(results: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
-    """Per suite and method: reward changes, paired differences to the baseline, judge, conflicts."""
+def paired_difference(by: dict, method: str, ref: str, seeds: Sequence[int], names: Sequence[str]) -> dict[str, Any]:
+    """Per reward: mean paired difference of the change (``method`` − ``ref``), one-sided paired
+    t-test p that ``method`` is better, and the number of seeds where it is."""
     from scipy import stats
 
+    paired = {}
+    for k in names:
+        change = [by[method, s]["reward_end"][k] - by[method, s]["reward_start"][k] for s in seeds]
+        base = [by[ref, s]["reward_end"][k] - by[ref, s]["reward_start"][k] for s in seeds]
+        diff = np.asarray(change) - np.asarray(base)
+        p = None
+        if len(seeds) > 1 and np.std(diff) > 0:
+            p = float(stats.ttest_rel(change, base, alternative="greater").pvalue)
+        paired[k] = {"diff_mean": float(diff.mean()), "p_greater": p, "wins": int((diff > 0).sum())}
+    return paired
+
+
+def summarise(results: list[dict[str, Any]], methods: Sequence[str], references: Sequence[str] = ()) -> dict[str, Any]:
+    """Per suite and method: reward changes, paired differences to the baseline (and to each of
+    ``references`` under ``paired[ref]``), judge, conflicts."""
     out: dict[str, Any] = {}
     for suite in dict.fromkeys(r["suite"] for r in results):
         rs = [r for r in results if r["suite"] == suite]
@@ -284,15 +301,10 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str]) -> dict[str
                 "step_seconds_median": float(np.median([by[m, s]["step_seconds"] for s in seeds])),
             }
             if m != BASELINE and all((BASELINE, s) in by for s in seeds):
-                paired = {}
-                for k in names:
-                    base = [by[BASELINE, s]["reward_end"][k] - by[BASELINE, s]["reward_start"][k] for s in seeds]
-                    diff = np.asarray(change[k]) - np.asarray(base)
-                    p = None
-                    if len(seeds) > 1 and np.std(diff) > 0:
-                        p = float(stats.ttest_rel(change[k], base, alternative="greater").pvalue)
-                    paired[k] = {"diff_mean": float(diff.mean()), "p_greater": p, "wins": int((diff > 0).sum())}
-                entry["paired_vs_baseline"] = paired
+                entry["paired_vs_baseline"] = paired_difference(by, m, BASELINE, seeds, names)
+            for ref in references:
+                if ref != m and all((ref, s) in by for s in seeds):
+                    entry.setdefault("paired", {})[ref] = paired_difference(by, m, ref, seeds, names)
             suite_out["methods"][m] = entry
         out[suite] = suite_out
     return out
@@ -300,6 +312,19 @@ def summarise(results: list[dict[str, Any]], methods: Sequence[str]) -> dict[str
 
 def _f(x: float | None, fmt: str = "+.3f") -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def _paired_table(s: dict[str, Any], ref: str, key) -> list[str]:
+    names, n = s["rewards"], len(s["seeds"])
+    lines = [f"Paired difference to `{ref}` (Δ, p, better on k of {n} seeds):", ""]
+    lines += ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for m, e in s["methods"].items():
+        pv = key(e)
+        if pv is None:
+            continue
+        cells = [f"{_f(pv[k]['diff_mean'])} (p={_f(pv[k]['p_greater'], '.3f')}, {pv[k]['wins']}/{n})" for k in names]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -320,7 +345,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
     ]
     for suite, s in summary.items():
-        names, n = s["rewards"], len(s["seeds"])
+        names = s["rewards"]
         lines += [f"### Suite `{suite}`", ""]
         lines += ["| method | " + " | ".join(names) + " | judge | conflict (indep.) | conflict (solved) | s/run |"]
         lines += ["|---" * (len(names) + 5) + "|"]
@@ -334,17 +359,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             )
         first = next(iter(s["methods"].values()))
         lines += ["", f"Pretrained judge accuracy: {first['judge_start_mean']:.3f}.", ""]
-        lines += [f"Paired difference to `{BASELINE}` (Δ, p, better on k of {n} seeds):", ""]
-        lines += ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for m, e in s["methods"].items():
-            if "paired_vs_baseline" not in e:
-                continue
-            pv = e["paired_vs_baseline"]
-            cells = [
-                f"{_f(pv[k]['diff_mean'])} (p={_f(pv[k]['p_greater'], '.3f')}, {pv[k]['wins']}/{n})" for k in names
-            ]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _paired_table(s, BASELINE, lambda e: e.get("paired_vs_baseline"))
+        for ref in meta.get("references", []):
+            lines += _paired_table(s, ref, lambda e, ref=ref: e.get("paired", {}).get(ref))
     return "\n".join(lines) + "\n"
 
 
@@ -457,10 +474,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--name", help="file name stem (default diffusion_rl, diffusion_rl_quick with --quick)")
+    p.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help=f"also tabulate every method's paired difference to METHOD (besides {BASELINE})",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: summarise the runs of these result files (of earlier invocations on the same "
+        "machine; a run present in two files must be identical in both) into --name's files",
+    )
     args = p.parse_args(argv)
+    given = list(argv) if argv is not None else sys.argv[1:]
+    if args.merge:
+        return merge_results(args, given)
 
     extra_argv: list[str] = []
-    given = list(argv) if argv is not None else sys.argv[1:]
     if args.quick:
         args.steps, args.eval_every = 4, 2
         args.seeds = args.seeds if "--seeds" in given else [0, 1]
@@ -514,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for m in methods
     ]
     results = run_tasks(tasks, args.jobs)
-    summary = summarise(results, methods)
+    summary = summarise(results, methods, args.reference)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from _common import environment_line
 
@@ -529,6 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - t_start,
         "jobs": args.jobs,
         "environment": environment_line(),
+        "references": args.reference,
     }
     text = markdown(summary, meta)
     text += f"\nWall time {meta['wall_seconds']:.0f} s with --jobs {args.jobs}.\n"
@@ -538,6 +572,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dumps({"meta": meta, "summary": summary, "runs": light}, indent=1) + "\n"
     )
     plot(results, methods, lambda suite: out_dir / f"{stem}_{suite}.png")
+    print(text)
+    return 0
+
+
+def merge_results(args: argparse.Namespace, given: Sequence[str]) -> int:
+    """``--merge``: one summary of the runs of several result files (no plot: they keep no samples)."""
+    runs: dict[tuple[str, str, int], dict[str, Any]] = {}
+    metas = []
+    deterministic = ("reward_start", "reward_end", "judge_end", "curves", "lr", "steps")
+    for path in args.merge:
+        data = json.loads(Path(path).read_text())
+        metas.append(data["meta"])
+        for r in data["runs"]:
+            key = (r["method"], r["suite"], r["seed"])
+            if key in runs and any(runs[key][f] != r[f] for f in deterministic):
+                raise SystemExit(f"--merge: run {key} differs between the files; they are not one machine's runs")
+            runs.setdefault(key, r)
+    for field in ("steps", "lr", "eval_every"):
+        values = {json.dumps(m[field]) for m in metas}
+        if len(values) > 1:
+            raise SystemExit(f"--merge: the files' {field} differ ({sorted(values)}); merge runs of one grid only")
+    results = [
+        r for r in runs.values() if r["suite"] in args.suites and r["seed"] in args.seeds and
+        (not args.methods or r["method"] in args.methods)
+    ]  # fmt: skip
+    methods = list(dict.fromkeys(args.methods or [r["method"] for r in results]))
+    summary = summarise(results, methods, args.reference)
+    meta = {
+        **{k: metas[0][k] for k in ("steps", "lr", "lr_source", "eval_every", "environment")},
+        "command": "python benchmarks/diffusion_rl.py " + " ".join(given),
+        "seeds": sorted({r["seed"] for r in results}),
+        "methods": {m: spec for meta in metas for m, spec in meta["methods"].items() if m in methods},
+        "sources": [
+            {"file": Path(f).name, "command": m["command"], "wall_seconds": m["wall_seconds"]}
+            for f, m in zip(args.merge, metas)
+        ],  # fmt: skip
+        "references": args.reference,
+    }
+    text = markdown(summary, meta)
+    text += (
+        "\nRuns from: " + "; ".join(f"`{s['command']}` ({s['wall_seconds']:.0f} s)" for s in meta["sources"]) + ".\n"
+    )
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name or "diffusion_rl_merged"
+    (out_dir / f"{stem}.md").write_text(text)
+    (out_dir / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1) + "\n"
+    )
     print(text)
     return 0
 

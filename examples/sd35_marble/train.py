@@ -17,8 +17,10 @@ One optimizer step:
 6. combine (``--combine``): ``marble``: ``MarbleOptimizer(AdamW, gram="shared").backward(losses,
    shared=v_θ, extra=kl)`` balances the K gradients (min-norm point of their convex hull);
    ``weighted-sum``: DiffusionNFT's baseline, one NFT loss from the advantage of the NaN-aware
-   mean of the raw rewards; ``equal-alpha``: the mean of the K losses; ``sequential``: one
-   reward per stage;
+   mean of the raw rewards; ``gdpo``: GDPO's one advantage (each reward normalised within its
+   group, weighted sum, normalised over the batch: ``marble_opt.rl.gdpo_advantages``, TRL's
+   ``normalize_then_sum``) in the same single NFT loss; ``equal-alpha``: the mean of the K
+   losses; ``sequential``: one reward per stage;
 7. clip, step, then ``θ_old ← d·θ_old + (1−d)·θ`` with ``d = min(rate·step, max)`` and the
    model EMA (``marble_opt.rl.ema_update_``).
 
@@ -94,6 +96,7 @@ from sd35 import LORA_TARGETS as SD35_LORA_TARGETS  # noqa: E402
 from marble_opt.rl import (  # noqa: E402
     ema_update_,
     flow_sample,
+    gdpo_advantages,
     group_advantages,
     nft_losses,
     old_policy_decay,
@@ -241,7 +244,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 CHOICES = {
     "preset": tuple(PRESETS),
-    "combine": ("marble", "weighted-sum", "equal-alpha", "sequential"),
+    "combine": ("marble", "weighted-sum", "gdpo", "equal-alpha", "sequential"),
     "report_to": ("none", "tensorboard", "wandb"),
     "sampler": ("euler", "dpm2"),
     "gram": ("shared", "exact", "exact-lean"),
@@ -292,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--combine",
         "marble: MarbleOptimizer; weighted-sum: DiffusionNFT's one advantage of the mean raw reward; "
+        "gdpo: GDPO's one advantage (per-reward group normalisation, weighted sum, batch normalisation); "
         "equal-alpha: mean of the per-reward normalised losses; sequential: one reward per stage",
     )
     add(
@@ -330,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--pretrain-seed", "digits: which shipped pretrained model (its pretraining seed)", type=int)
     add(
         "--reward-weights",
-        "weighted-sum: JSON {reward: weight} for the mean of the raw rewards (missing: 1), e.g. '{\"ocr\": 2}'",
+        "weighted-sum: JSON {reward: weight} for the mean of the raw rewards; gdpo: for the sum of the "
+        "group-normalised rewards (missing: 1), e.g. '{\"ocr\": 2}'",
         type=json_object,
     )
     g = p.add_argument_group("rollouts")
@@ -617,7 +622,7 @@ def _torch_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-#: Key of DiffusionNFT's single combined advantage (``--combine weighted-sum``).
+#: Key of the baselines' single combined advantage (``--combine weighted-sum`` and ``gdpo``).
 COMBINED = "__weighted_sum__"
 
 
@@ -781,6 +786,11 @@ class Trainer:
                 lo : lo + n
             ].to(self.device)
             masks[COMBINED] = torch.isfinite(combined[COMBINED][lo : lo + n]).to(self.device)
+        elif self.cfg.combine == "gdpo":  # GDPO: one advantage of the group-normalised rewards' weighted sum
+            weights = {k: float(self.cfg.reward_weights.get(k, 1.0)) for k in gathered}
+            gdpo = gdpo_advantages(gathered, gids, weights=weights)[lo : lo + n]  # NaN: no reward applies
+            adv_local[COMBINED] = gdpo.to(self.device)
+            masks[COMBINED] = torch.isfinite(gdpo).to(self.device)
         return gathered, adv_local, masks
 
     # ---- one optimizer step --------------------------------------------------------------------------
@@ -938,7 +948,7 @@ class Trainer:
         if cfg.combine == "sequential":
             active = self.stage()
             return {k: float(i == active) for i, k in enumerate(names)}
-        if cfg.combine == "weighted-sum":
+        if cfg.combine in ("weighted-sum", "gdpo"):
             raw = {k: float(cfg.reward_weights.get(k, 1.0)) for k in names}
             total = sum(raw.values()) or 1.0
             return {k: w / total for k, w in raw.items()}
@@ -949,7 +959,7 @@ class Trainer:
     ) -> torch.Tensor:
         """The loss a baseline minimises (without the KL)."""
         cfg = self.cfg
-        if cfg.combine == "weighted-sum":
+        if cfg.combine in ("weighted-sum", "gdpo"):  # the one NFT loss of the combined advantage
             assert combined is not None
             return combined / n_micro
         if cfg.combine == "sequential":

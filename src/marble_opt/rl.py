@@ -2,6 +2,9 @@
 
 - ``group_advantages``: one advantage per reward, centred within each prompt group and
   scaled by the reward's standard deviation (over the whole batch by default).
+- ``gdpo_advantages``: GDPO's single advantage (each reward normalised within its prompt
+  group, weighted sum, then normalised over the batch), the baseline multi-reward
+  aggregation of TRL's ``normalize_then_sum``.
 - ``reward_masks``: which samples each reward applies to (its finite entries).
 - ``nft_losses``: the DiffusionNFT loss of each reward, all sharing one graph through the
   predicted velocity, ready for ``MarbleOptimizer.step(out.losses, shared=v_theta,
@@ -40,6 +43,7 @@ __all__ = [
     "NFTLosses",
     "ema_update_",
     "flow_sample",
+    "gdpo_advantages",
     "group_advantages",
     "nft_losses",
     "old_policy_decay",
@@ -120,6 +124,96 @@ def group_advantages(
         adv = torch.where(centred != 0, centred / (std_i + eps), torch.zeros_like(centred))
         out[name] = adv.to(torch.float32)
     return out
+
+
+def gdpo_advantages(
+    rewards: Mapping[str, Tensor],
+    group_ids: Tensor,
+    *,
+    weights: Mapping[str, float] | None = None,
+    eps: float = 1e-4,
+) -> Tensor:
+    """GDPO's advantage (arXiv 2601.05242): normalise each reward within its group, sum, normalise.
+
+    1. Per reward k and prompt group g, over the valid (finite) rewards of the group:
+       ``A_k(i) = (R_k(i) − mean_g R_k) / (std_g R_k + eps)`` (std with Bessel's correction).
+    2. ``S(i) = Σ_k w_k A_k(i)`` over the rewards whose ``A_k(i)`` is defined: a reward that
+       does not apply to sample i (NaN) is skipped, and so is a group with fewer than two
+       valid values of that reward (its std is undefined).
+    3. ``A(i) = (S(i) − mean S) / (std S + eps)``, mean and std (Bessel) over the whole batch
+       of samples that at least one reward applies to.
+
+    This is TRL's ``GRPOConfig(multi_objective_aggregation="normalize_then_sum")`` (TRL 1.16,
+    ``GRPOTrainer._generate_and_score_completions``) with ``reward_weights``, for arbitrary
+    group ids instead of TRL's consecutive groups of ``num_generations``. It differs only in:
+
+    - a sample that no reward applies to gets NaN here (TRL: 0, after leaving it out of the
+      batch statistics as here); ``torch.nan_to_num(a, nan=0.0)`` gives TRL's value, while
+      ``nft_losses`` leaves a non-finite advantage out of the loss instead of training it
+      at ``r = ½``;
+    - a group (or batch) whose valid values are all equal gives exact zeros; TRL divides
+      the float rounding residue of ``R − mean`` by ``eps`` (of order 1e-3 at most in
+      float32 for rewards of order 1);
+    - the arithmetic is float64 (TRL: the rewards' dtype, float32), the result float32.
+
+    Args:
+        rewards: ``{name: (B,) rewards}``; NaN (or ±inf) marks a sample the reward does not
+            apply to.
+        group_ids: (B,) integer id of each sample's prompt group.
+        weights: ``{name: w_k}`` (finite; missing names: 1), TRL's ``reward_weights``.
+        eps: added to both standard deviations (>= 0; TRL's 1e-4).
+
+    Returns:
+        (B,) float32 advantages; NaN exactly where no reward applies.
+    """
+    if not isinstance(rewards, Mapping) or not rewards:
+        raise ValueError("rewards must be a non-empty dict {name: (B,) tensor}")
+    if not isinstance(group_ids, Tensor) or group_ids.ndim != 1:
+        raise ValueError(f"group_ids must be a 1-D tensor of shape (B,), got {group_ids!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(rewards))
+    if unknown:
+        raise ValueError(f"weights names {unknown}, which are not rewards {list(rewards)}")
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"weights[{name!r}] must be a finite number, got {w!r}")
+    batch = group_ids.shape[0]
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(inverse.max()) + 1 if batch else 0
+
+    def centred(x: Tensor, valid: Tensor, inv: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
+        """``x − group mean`` (exact zeros in a group of equal values) and the group's Bessel
+        std, both per sample; 0 where ``x`` is invalid or its group has < 2 valid values."""
+        x0 = torch.where(valid, x, torch.zeros_like(x))
+        vf = valid.to(x.dtype)
+        count = torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add_(0, inv, vf)
+        mean = torch.zeros_like(count).index_add_(0, inv, x0) / count.clamp(min=1.0)
+        inf = torch.full_like(count, float("inf"))
+        hi = (-inf).scatter_reduce(0, inv, torch.where(valid, x, -inf[inv]), "amax")
+        lo = inf.scatter_reduce(0, inv, torch.where(valid, x, inf[inv]), "amin")
+        defined = valid & (count >= 2)[inv]
+        c = torch.where(defined & (hi > lo)[inv], x0 - mean[inv], torch.zeros_like(x0))
+        var = torch.zeros_like(count).index_add_(0, inv, c**2) / (count - 1).clamp(min=1.0)
+        return c, var.sqrt()[inv]
+
+    total: Tensor | None = None
+    scorable: Tensor | None = None
+    for name, reward in rewards.items():
+        r = _check_batch(f"rewards[{name!r}]", reward, batch).detach().to(torch.float64)
+        valid = torch.isfinite(r)
+        c, std = centred(r, valid, inverse.to(r.device), num_groups)
+        # c != 0 implies std > 0, so eps = 0 is safe; undefined terms (NaN rewards, groups of
+        # one valid value) add nothing, as TRL's nansum does
+        a = torch.where(c != 0, c / (std + eps), torch.zeros_like(c)) * float(weights.get(name, 1.0))
+        total = a if total is None else total + a
+        scorable = valid if scorable is None else scorable | valid
+    assert total is not None and scorable is not None
+    zeros = torch.zeros(batch, dtype=torch.long, device=total.device)
+    c, std = centred(total, scorable, zeros, 1)
+    adv = torch.where(c != 0, c / (std + eps), torch.zeros_like(c))
+    return torch.where(scorable, adv, torch.full_like(adv, float("nan"))).to(torch.float32)
 
 
 def reward_masks(rewards: Mapping[str, Tensor]) -> dict[str, Tensor]:
