@@ -29,8 +29,19 @@ KEYS = ("judge", *(f"reward/{n}" for n in task.REWARD_NAMES))
 
 
 def run(method: str, seed: int, steps: int, lr: float, out: Path, extra: list[str]) -> dict:
-    argv = ["--combine", method, "--seed", str(seed), "--max-steps", str(steps), "--lr", str(lr),
-            "--output-dir", str(out / f"{method}_s{seed}"), *extra]
+    argv = [
+        "--combine",
+        method,
+        "--seed",
+        str(seed),
+        "--max-steps",
+        str(steps),
+        "--lr",
+        str(lr),
+        "--output-dir",
+        str(out / f"{method}_s{seed}"),
+        *extra,
+    ]
     s = train.main(argv)
     return {k: s["after"][k] - s["before"][k] for k in KEYS} | {"judge_after": s["after"]["judge"]}
 
@@ -38,8 +49,7 @@ def run(method: str, seed: int, steps: int, lr: float, out: Path, extra: list[st
 def table(results: dict[str, list[dict]], seeds: list[int]) -> tuple[str, dict]:
     from scipy.stats import ttest_rel
 
-    lines = ["| method | " + " | ".join(f"Δ {k}" for k in KEYS) + " | judge after |",
-             "|---" * (len(KEYS) + 2) + "|"]
+    lines = ["| method | " + " | ".join(f"Δ {k}" for k in KEYS) + " | judge after |", "|---" * (len(KEYS) + 2) + "|"]
     stats: dict = {}
     for m, rows in results.items():
         cells = []
@@ -54,7 +64,9 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> tuple[str, dict]:
                 stats.setdefault(m, {})[k] = {"diff": float(d.mean()), "p": p, "better": int((d > 0).sum())}
             cells.append(cell)
         ja = np.array([r["judge_after"] for r in rows])
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {ja.mean():.3f} ± {ja.std(ddof=1) if len(ja) > 1 else 0:.3f} |")
+        lines.append(
+            f"| {m} | " + " | ".join(cells) + f" | {ja.mean():.3f} ± {ja.std(ddof=1) if len(ja) > 1 else 0:.3f} |"
+        )
     return "\n".join(lines), stats
 
 
@@ -72,14 +84,23 @@ def main(argv=None) -> dict:
     if args.quick:
         args.seeds, args.max_steps = [0, 1], 2
         extra += ["--prompts-per-step", "4", "--num-generations", "4", "--eval-samples", "1"]
-    results = {m: [run(m, s, args.max_steps, args.lr, Path(args.workdir), extra) for s in args.seeds] for m in args.methods}
+    results = {
+        m: [run(m, s, args.max_steps, args.lr, Path(args.workdir), extra) for s in args.seeds] for m in args.methods
+    }
     md, stats = table(results, args.seeds)
-    payload = {"seeds": args.seeds, "max_steps": args.max_steps, "lr": args.lr, "quick": args.quick,
-               "results": results, "vs_gdpo": stats}
+    payload = {
+        "seeds": args.seeds,
+        "max_steps": args.max_steps,
+        "lr": args.lr,
+        "quick": args.quick,
+        "results": results,
+        "vs_gdpo": stats,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(payload, indent=1))
     Path(args.out + ".md").write_text(
-        f"# GRPO test bed: seeds {args.seeds}, {args.max_steps} steps, lr {args.lr}\n\n{md}\n")
+        f"# GRPO test bed: seeds {args.seeds}, {args.max_steps} steps, lr {args.lr}\n\n{md}\n"
+    )
     print(md)
     return payload
 

@@ -13,7 +13,6 @@ pytest.importorskip("trl")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "grpo_marble"))
 import task  # noqa: E402
-
 from _scripts import load_benchmark  # noqa: E402
 
 PAIRS = task.splits()["judge"][:200]
@@ -38,8 +37,11 @@ def test_trivial_outputs_score_below_the_answer(trivial):
     import random
 
     rng = random.Random(0)
-    fake = [trivial] * len(PROMPTS) if trivial != "97" else ["".join(rng.choice("0123456789+=") for _ in range(3))
-                                                              for _ in PROMPTS]
+    fake = (
+        [trivial] * len(PROMPTS)
+        if trivial != "97"
+        else ["".join(rng.choice("0123456789+=") for _ in range(3)) for _ in PROMPTS]
+    )
     for name in ("digits", "distance", "carry", "hundreds"):
         assert _mean(name, fake) < _mean(name, RIGHT), name
     # brevity is the reward in tension: the empty completion maximises it
@@ -64,8 +66,24 @@ def test_shipped_model_is_mediocre():
 def test_example_two_steps(tmp_path, combine):
     import train
 
-    summary = train.main(["--combine", combine, "--max-steps", "2", "--output-dir", str(tmp_path),
-                          "--prompts-per-step", "4", "--num-generations", "4", "--eval-samples", "1", "--threads", "1"])
+    summary = train.main(
+        [
+            "--combine",
+            combine,
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+            "--prompts-per-step",
+            "4",
+            "--num-generations",
+            "4",
+            "--eval-samples",
+            "1",
+            "--threads",
+            "1",
+        ]
+    )
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:

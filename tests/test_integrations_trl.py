@@ -40,15 +40,36 @@ def make_trainer(tmp_path, steps=2, marble=None):
 
     torch.manual_seed(0)
     tok = task.build_tokenizer()
-    config = GPT2Config(vocab_size=len(task.VOCAB), n_layer=1, n_head=2, n_embd=16, n_positions=16,
-                        eos_token_id=1, bos_token_id=1, pad_token_id=0)
+    config = GPT2Config(
+        vocab_size=len(task.VOCAB),
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        n_positions=16,
+        eos_token_id=1,
+        bos_token_id=1,
+        pad_token_id=0,
+    )
     model = GPT2LMHeadModel(config)
     data = Dataset.from_dict(task.rows(task.splits()["rl"][:32]))
-    args = GRPOConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8, num_generations=4,
-                      max_completion_length=4, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
-                      disable_tqdm=True, learning_rate=1e-3, seed=0, bf16=False)
-    return MarbleGRPOTrainer(model=model, reward_funcs=REWARDS, args=args, train_dataset=data,
-                             processing_class=tok, marble=marble)
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=4,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-3,
+        seed=0,
+        bf16=False,
+    )
+    return MarbleGRPOTrainer(
+        model=model, reward_funcs=REWARDS, args=args, train_dataset=data, processing_class=tok, marble=marble
+    )
 
 
 def test_trains_and_logs_weights_per_reward(tmp_path):

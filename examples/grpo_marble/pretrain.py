@@ -74,7 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, args.out, metadata={"command": " ".join(["python examples/grpo_marble/pretrain.py", *(argv or sys.argv[1:])])})
+    save_file(
+        state,
+        args.out,
+        metadata={"command": " ".join(["python examples/grpo_marble/pretrain.py", *(argv or sys.argv[1:])])},
+    )
     summary = {"params": n_params, "judge": history[-1]["judge"], "seconds": time.perf_counter() - t0, "out": args.out}
     print(json.dumps(summary))
     return summary

@@ -102,7 +102,9 @@ def load_model(path: str | Path | None = None):
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the test-bed model (missing {missing}, unexpected {unexpected})")
+        raise ValueError(
+            f"{path}: weights do not match the test-bed model (missing {missing}, unexpected {unexpected})"
+        )
     model.tie_weights()
     return model
 
@@ -218,8 +220,9 @@ def reward_table(prompts: list[str], completions: list[str]) -> dict[str, float]
 
 # ---- generation and the judge ---------------------------------------------------------------------
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, greedy: bool, num_samples: int = 1, seed: int = 0,
-             batch_size: int = 512) -> list[str]:
+def generate(
+    model, tokenizer, prompts: list[str], *, greedy: bool, num_samples: int = 1, seed: int = 0, batch_size: int = 512
+) -> list[str]:
     """Completions (decoded, end token removed), ``num_samples`` per prompt in prompt order."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -235,8 +238,9 @@ def generate(model, tokenizer, prompts: list[str], *, greedy: bool, num_samples:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         step_ids, step_pos = ids, pos
         for _ in range(MAX_COMPLETION):
-            o = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                      use_cache=True)
+            o = model(
+                input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True
+            )
             past = o.past_key_values
             logits = o.logits[:, -1, :].float()
             logits[:, VOCAB[PAD]] = -float("inf")

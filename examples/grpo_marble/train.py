@@ -37,7 +37,9 @@ def parse(argv=None):
     ap.add_argument("--gram", default="exact", help="marble: the Balancer's Gram source (exact, shared, params)")
     ap.add_argument("--ema-decay", type=float, default=0.7)
     ap.add_argument("--weights", default=None, help="pretrained safetensors (default: the shipped model)")
-    ap.add_argument("--eval-samples", type=int, default=2, help="sampled completions per judge prompt for the reward table")
+    ap.add_argument(
+        "--eval-samples", type=int, default=2, help="sampled completions per judge prompt for the reward table"
+    )
     return ap.parse_args(argv)
 
 
@@ -113,8 +115,14 @@ def main(argv=None) -> dict:
     trainer.add_callback(Writer())
     trainer.train()
     after = evaluate()
-    summary = {"combine": args.combine, "seed": args.seed, "lr": args.lr, "max_steps": args.max_steps,
-               "before": before, "after": after}
+    summary = {
+        "combine": args.combine,
+        "seed": args.seed,
+        "lr": args.lr,
+        "max_steps": args.max_steps,
+        "before": before,
+        "after": after,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return summary
