@@ -43,6 +43,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "exact-nan-grad": dict(form="exact", steps=3, nan_grad=1),
     "detached": dict(form="detached", steps=4),
     "detached-nan-loss": dict(form="detached", steps=3, nan_loss=1),
+    # a NaN gradient below the shared tensor on rank 1: G is finite, the one FSDP backward is
+    # not, and after the reduce-scatter only the rank owning a poisoned entry sees it
+    "detached-nan-grad": dict(form="detached", steps=3, nan_grad=1),
+    # the shared form on the graph: autograd.grad w.r.t. the model's output (FSDP's hooks fire),
+    # then one ordinary FSDP backward of Σ w_k L_k
+    "shared": dict(form="shared", steps=4),
     # two micro-batches per step: the exact rows and the detached form's one backward accumulate
     "exact-accum": dict(form="exact", steps=2, micro=2),
     "detached-accum": dict(form="detached", steps=2, micro=2),
@@ -152,6 +158,13 @@ def train(name: str, rank: int = 0, world: int = 1) -> dict[str, Any]:
                     rows = F.local_rows(grads, params)
                     values = torch.stack([loss.detach().double() for loss in losses])
                     gram, vals, finite = F.reduce_gram(F.partial_gram(rows), values, group)
+                elif cfg["form"] == "shared":
+                    losses = losses_of(pred, y)
+                    rows = torch.stack(
+                        [torch.autograd.grad(loss, pred, retain_graph=True)[0].reshape(-1) for loss in losses]
+                    )
+                    values = torch.stack([loss.detach().double() for loss in losses])
+                    gram, vals, finite = F.reduce_gram(F.partial_gram(rows), values, group, gram_scale=1.0 / world**2)
                 else:
                     nan_now = inject and cfg.get("nan_loss") == step
 
@@ -174,7 +187,13 @@ def train(name: str, rank: int = 0, world: int = 1) -> dict[str, Any]:
                     for p, local in zip(params, F.split_local(combined, params)):
                         F.write_local(p, local)
                 else:
-                    F.shared_backward(pred, rows, w)
+                    if cfg["form"] == "shared":
+                        sum(float(wk) * loss for wk, loss in zip(w, losses)).backward()
+                    else:
+                        F.shared_backward(pred, rows, w)
+                    # the one backward's gradient: finite on every rank? (one all-reduce of a flag)
+                    if not F.finite_everywhere([p.grad for p in params], group):
+                        skipped = True
             if skipped:
                 opt.zero_grad()
             else:

@@ -143,21 +143,31 @@ def test_collective_counts_are_pinned(ranks):
     Plain FSDP: 3 all-gathers in forward, 3 again in backward (non-root modules reshard after
     forward) and 3 reduce-scatters. Exact: the forward's 3 all-gathers, then K× the backward's
     (3 all-gathers + 3 reduce-scatters), plus ONE all-reduce (the K×K Gram, the K loss values and
-    the finiteness flag). The detached shared form: plain FSDP's collectives plus that all-reduce.
+    the finiteness flag). The detached shared form: plain FSDP's collectives plus that all-reduce
+    and one of a finiteness flag after its one backward (a non-finite entry reaches only the rank
+    owning its shard). The shared form on the graph: as detached, plus 4 all-gathers (FSDP's
+    pre-backward hooks fire in the K per-objective passes w.r.t. the model's output).
     """
     for res in ranks:
         plain = res["plain_counts"]
         assert plain == {"allgather_base": 6, "reduce_scatter_base": 3}, plain
-        for name in ("exact", "exact-nan-loss"):
+        exact = {"allgather_base": 3 + K * 3, "reduce_scatter_base": K * 3, "allreduce": 1}
+        for name in ("exact", "exact-nan-loss", "exact-nan-grad"):
             for counts in res[name]["counts"]:
-                assert counts == {"allgather_base": 3 + K * 3, "reduce_scatter_base": K * 3, "allreduce": 1}, counts
+                assert counts == exact, counts
         for counts in res["exact-accum"]["counts"]:  # two micro-batches
-            assert counts == {"allgather_base": 2 * (3 + K * 3), "reduce_scatter_base": 2 * K * 3, "allreduce": 2}
-        for counts in res["detached"]["counts"]:
-            assert counts == dict(plain, allreduce=1), counts
+            assert counts == {k: 2 * v for k, v in exact.items()}, counts
+        detached = dict(plain, allreduce=2)
+        for name in ("detached", "detached-nan-grad"):
+            for counts in res[name]["counts"]:
+                assert counts == detached, counts
+        for counts in res["detached-accum"]["counts"]:
+            assert counts == {k: 2 * v for k, v in detached.items()}, counts
+        for counts in res["shared"]["counts"]:
+            assert counts == dict(detached, allgather_base=plain["allgather_base"] + 4), counts
         skipped = res["detached-nan-loss"]["skipped"]
         for step, counts in enumerate(res["detached-nan-loss"]["counts"]):
-            want = dict(plain, allreduce=1)
+            want = dict(detached)
             if skipped[step]:  # the skipped step runs no backward: only the forward and the all-reduce
                 want = {"allgather_base": 3, "allreduce": 1}
             elif step and skipped[step - 1]:
@@ -165,8 +175,6 @@ def test_collective_counts_are_pinned(ranks):
                 # too): its next backward all-gathers one module once more
                 want["allgather_base"] += 1
             assert counts == want, (step, counts)
-        for counts in res["detached-accum"]["counts"]:
-            assert counts == {k: 2 * v for k, v in dict(plain, allreduce=1).items()}, counts
 
 
 def test_write_local_makes_and_accumulates_the_sharded_gradient(ranks):
@@ -273,3 +281,9 @@ def test_detached_shared_form_refuses_a_trainable_tensor_after_the_shared_tensor
     z = trunk(x)
     (0.5 * z[:, 0].pow(2).mean() + 2.0 * z.sum()).backward()
     torch.testing.assert_close(got, trunk.weight.grad)
+
+
+def test_finite_everywhere_on_one_process():
+    assert F.finite_everywhere([torch.ones(2), None], None)
+    assert not F.finite_everywhere([torch.ones(2), torch.tensor([1.0, float("inf")])], None)
+    assert F.finite_everywhere([], None)

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 __all__ = [
     "check_gradient_sync",
     "detached_shared_grads",
+    "finite_everywhere",
     "fsdp2_mesh",
     "fsdp2_modules",
     "local_rows",
@@ -426,6 +427,27 @@ def reduce_gram(
     mean = host[k_count * k_count : k_count * k_count + k_count] / world
     finite = bool(host[-1] == 0.0) and bool(np.isfinite(gram).all()) and bool(np.isfinite(mean).all())
     return gram, mean, finite
+
+
+def finite_everywhere(tensors: Sequence[Tensor | None], group: Any) -> bool:
+    """Whether every entry of every tensor (local shards of ``p.grad``; ``None`` skipped) is
+    finite on every rank of ``group``: one all-reduce (MAX) of one float64 flag.
+
+    After an FSDP backward a non-finite gradient entry of one rank reaches only the rank that
+    owns that entry's shard: without this agreement the ranks would step differently.
+    """
+    present = [_local(t) for t in tensors if t is not None]
+    ok = all(bool(torch.isfinite(t).all()) for t in present)
+    if group is None:
+        return ok
+    import torch.distributed as dist
+
+    if dist.get_world_size(group) == 1:
+        return ok
+    device = present[0].device if present else torch.device("cpu")
+    flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item() == 0.0)
 
 
 # ---- writing ------------------------------------------------------------------------------
