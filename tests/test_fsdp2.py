@@ -26,8 +26,7 @@ from _fsdp2_worker import SCENARIOS, WORLD, K, train
 
 from marble_opt._src import fsdp as F
 
-WORKER = Path(__file__).with_name("_fsdp2_worker.py")
-TIMEOUT_S = 120
+TIMEOUT_S = 150
 
 
 def _free_port() -> int:
@@ -36,13 +35,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(outdir: Path) -> tuple[list[int], str]:
+def _launch(worker: Path, outdir: Path) -> tuple[list[int], str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(F.__file__).parents[2]), env.get("PYTHONPATH", "")])
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), str(WORLD), str(port), str(outdir)],
+            [sys.executable, str(worker), str(rank), str(WORLD), str(port), str(outdir)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -64,16 +63,21 @@ def _launch(outdir: Path) -> tuple[list[int], str]:
     return [p.returncode for p in procs], "\n".join(f"--- rank {r} ---\n{log}" for r, log in enumerate(logs))
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+def run_workers(tmp_path_factory: pytest.TempPathFactory, worker: str) -> list[dict[str, Any]]:
+    """Start ``tests/<worker> RANK WORLD PORT OUTDIR`` as ranks 0 and 1; their saved results."""
     for attempt in range(2):  # a second try only if the probed port was taken meanwhile
         outdir = tmp_path_factory.mktemp("fsdp2")
-        codes, log = _launch(outdir)
+        codes, log = _launch(Path(__file__).with_name(worker), outdir)
         if codes == [0] * WORLD:
             return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
         if "Address already in use" not in log or attempt:
             pytest.fail(f"FSDP2 workers failed (exit codes {codes}):\n{log[-8000:]}")
     raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_workers(tmp_path_factory, "_fsdp2_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +291,34 @@ def test_finite_everywhere_on_one_process():
     assert F.finite_everywhere([torch.ones(2), None], None)
     assert not F.finite_everywhere([torch.ones(2), torch.tensor([1.0, float("inf")])], None)
     assert F.finite_everywhere([], None)
+
+
+def test_per_objective_local_rows_fills_a_host_buffer_like_local_rows():
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(3, 2)
+    params = list(lin.parameters())
+    out = lin(torch.randn(5, 3))
+    losses = [out[:, 0].mean(), (out**2).mean()]
+    want = F.local_rows(F.per_objective_local_grads(losses, params), params)
+    rows = torch.full((2, 8), 7.0, dtype=torch.float64)
+    got = F.per_objective_local_rows(losses, params, rows)
+    assert got is rows
+    torch.testing.assert_close(rows, want.double())
+    assert all(p.grad is None for p in params)
+    with pytest.raises(ValueError, match="expected"):
+        F.per_objective_local_rows(losses, params, torch.zeros(2, 7))
+
+
+def test_detach_shared_keeps_its_origin_and_refuses_a_detached_input():
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(3, 2)
+    v = lin(torch.randn(4, 3))
+    z = F.detach_shared(v)
+    assert z.is_leaf and z.requires_grad and torch.equal(z, v)
+    assert F.detached_origins([z, v]) == [(z, v)]
+    assert F.detached_origins(None) == []
+    F.check_detached([z.sum(), (z**2).mean()], [z])
+    with pytest.raises(ValueError, match="besides the detached shared tensor"):
+        F.check_detached([lin(torch.randn(1, 3)).sum() + z.sum()], [z])
+    with pytest.raises(ValueError, match="requires_grad=True"):
+        F.detach_shared(v.detach())

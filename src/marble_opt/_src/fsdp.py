@@ -47,14 +47,18 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "check_detached",
     "check_gradient_sync",
+    "detach_shared",
     "detached_shared_grads",
+    "detached_origins",
     "finite_everywhere",
     "fsdp2_mesh",
     "fsdp2_modules",
     "local_rows",
     "partial_gram",
     "per_objective_local_grads",
+    "per_objective_local_rows",
     "reduce_gram",
     "shared_backward",
     "split_local",
@@ -303,6 +307,47 @@ def per_objective_local_grads(
     return out
 
 
+def per_objective_local_rows(
+    losses: Sequence[Tensor], params: Sequence[Tensor], out: Tensor, *, retain_graph: bool = True
+) -> Tensor:
+    """``per_objective_local_grads`` written straight into rows, one gradient alive at a time.
+
+    Args:
+        losses: K scalar losses on one FSDP forward graph.
+        params: the trainable parameters.
+        out: ``[K, n_local]`` (``n_local = Σ_j p_j.to_local().numel()``), on any device: a
+            host buffer keeps the rows in host memory (``exact-lean``); converted on copy.
+        retain_graph: whether the last backward keeps the graph.
+
+    Returns:
+        ``out``, row k = objective k's local gradient entries (zeros where it reaches no
+        parameter). ``p.grad`` is stashed before and restored after, as in
+        ``per_objective_local_grads``.
+    """
+    sizes = [_local(p.detach()).numel() for p in params]
+    if out.shape != (len(losses), sum(sizes)):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(len(losses), sum(sizes))}")
+    stash = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        for k, loss in enumerate(losses):
+            loss.backward(retain_graph=retain_graph or k < len(losses) - 1)
+            start = 0
+            for p, size in zip(params, sizes):
+                g = p.grad
+                if g is None:
+                    out[k, start : start + size].zero_()
+                else:
+                    out[k, start : start + size].copy_(_local(g).reshape(-1))
+                p.grad = None
+                start += size
+    finally:
+        for p, g in zip(params, stash):
+            p.grad = g
+    return out
+
+
 def local_rows(
     grads: Sequence[Sequence[Tensor | None]],
     params: Sequence[Tensor] | None = None,
@@ -481,8 +526,9 @@ def write_local(p: Tensor, local_grad: Tensor) -> None:
 
 
 # ---- the detached shared form --------------------------------------------------------------
-def _trainable_leaves(roots: Sequence[Tensor], allowed: Tensor) -> list[Tensor]:
+def _trainable_leaves(roots: Sequence[Tensor], allowed: Tensor | Sequence[Tensor]) -> list[Tensor]:
     """Leaves with ``requires_grad`` (other than ``allowed``) that ``roots`` depend on."""
+    allowed_ids = {id(allowed)} if isinstance(allowed, Tensor) else {id(t) for t in allowed}
     found, seen = [], set()
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
     while stack:
@@ -492,11 +538,65 @@ def _trainable_leaves(roots: Sequence[Tensor], allowed: Tensor) -> list[Tensor]:
         seen.add(id(node))
         leaf = getattr(node, "variable", None)
         if leaf is not None:
-            if leaf is not allowed:
+            if id(leaf) not in allowed_ids:
                 found.append(leaf)
             continue
         stack.extend(nxt for nxt, _ in node.next_functions)
     return found
+
+
+#: The attribute of a ``detach_shared`` leaf that holds the tensor it was detached from.
+_ORIGIN = "_marble_shared_origin"
+
+
+def detach_shared(shared: Tensor) -> Tensor:
+    """A detached copy of ``shared`` for the detached shared form of ``gram="shared"``.
+
+    Compute the losses from the returned tensor ``z`` and pass ``shared=z``: the K gradients
+    w.r.t. ``z`` then stop at ``z`` (no FSDP hook fires, no collective), and the one backward
+    of ``Σ_k w_k L_k`` goes on from ``shared`` with ``Σ_k w_k ∂L_k/∂z`` as its gradient (one
+    ordinary FSDP backward). Valid only when no trainable parameter lies between ``shared``
+    and the losses (checked at each solving step)::
+
+        v = model(x)                           # the FSDP model's output
+        z = marble_opt.detach_shared(v)
+        opt.step({k: loss_k(z, y) for k in names}, shared=z)
+
+    Args:
+        shared: the tensor the losses are computed from, on the autograd graph.
+
+    Returns:
+        a leaf tensor with ``shared``'s values and ``requires_grad=True``.
+    """
+    if not isinstance(shared, Tensor) or not shared.requires_grad:
+        raise ValueError(
+            f"detach_shared needs a tensor on the autograd graph (requires_grad=True), got "
+            f"{type(shared).__name__}{'' if not isinstance(shared, Tensor) else ' that does not require grad'}"
+        )
+    leaf = shared.detach().requires_grad_(True)
+    setattr(leaf, _ORIGIN, shared)
+    return leaf
+
+
+def detached_origins(shared: Sequence[Tensor] | None) -> list[tuple[Tensor, Tensor]]:
+    """``(leaf, origin)`` for each entry of ``shared`` made by ``detach_shared``."""
+    if not shared:
+        return []
+    return [(z, getattr(z, _ORIGIN)) for z in shared if getattr(z, _ORIGIN, None) is not None]
+
+
+def check_detached(losses: Sequence[Tensor], shared: Sequence[Tensor]) -> None:
+    """Refuse losses that depend on a trainable tensor besides the ``shared`` leaves (the
+    detached form's backward from the origins would miss its gradient)."""
+    leaves = _trainable_leaves(losses, shared)
+    if leaves:
+        shapes = ", ".join(str(tuple(t.shape)) for t in leaves[:4])
+        raise ValueError(
+            f"the losses depend on {len(leaves)} trainable tensor(s) besides the detached shared tensor(s) "
+            f"(shapes {shapes}): the detached shared form is valid only when no trainable parameter lies between "
+            "the shared tensor and the losses; pass the shared tensor itself (not detach_shared's copy), or use "
+            "gram='exact'"
+        )
 
 
 def detached_shared_grads(shared: Tensor, loss_fn: Callable[[Tensor], Sequence[Tensor]]) -> tuple[Tensor, Tensor]:
