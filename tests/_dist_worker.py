@@ -197,19 +197,6 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
     return out
 
 
-def fsdp_refusal() -> str:
-    """What MarbleOptimizer says to parameters sharded by FSDP2's ``fully_shard`` (gloo, CPU)."""
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    net = fully_shard(Net())
-    try:
-        MarbleOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), gram="shared")
-    except NotImplementedError as exc:
-        return str(exc)
-    return "accepted"
-
-
 def device_skip_refusal() -> str:
     """What ``step(losses)`` with ``skip_on_device=True`` says under torch.distributed; the
     parameters must be as they were."""
@@ -280,7 +267,6 @@ def main(rank: int, world: int, port: int, outdir: str, mode: str = "scenarios")
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)  # joins the existing group
     assert accelerator.num_processes == world and accelerator.process_index == rank
     results: dict[str, Any] = {name: train(name, rank, world, accelerator) for name in SCENARIOS}
-    results["fsdp"] = fsdp_refusal()
     results["device_skip"] = device_skip_refusal()
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     dist.barrier()

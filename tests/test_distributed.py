@@ -188,13 +188,6 @@ def test_process_group_false_keeps_each_rank_on_its_own_batch(ranks):
     assert not torch.equal(a["params"][-1], train("exact-local")["params"][-1])  # a half, not the whole batch
 
 
-def test_fsdp_sharded_parameters_are_refused_with_the_reason(ranks):
-    # FSDP2 shards are DTensors off the autograd graph: the combined backward (inputs=params)
-    # would leave every gradient empty, a silent no-op step; the optimizer refuses instead.
-    for res in ranks:
-        assert "not supported" in res["fsdp"] and "DTensor" in res["fsdp"], res["fsdp"]
-
-
 def test_skip_on_device_is_refused_under_torch_distributed(ranks):
     for res in ranks:
         assert "skip_on_device=True is not supported under torch.distributed" in res["device_skip"], res["device_skip"]

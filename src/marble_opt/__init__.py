@@ -7,6 +7,7 @@ gradients with MARBLE's min-norm weights (or another weighting: ``weighting="upg
 
 from ._src.balancer import Balancer
 from ._src.estimators import GRAM_ESTIMATORS
+from ._src.fsdp import detach_shared
 from ._src.optimizer import MarbleOptimizer
 from ._src.qp import MinNormSolver, min_norm_weights
 from ._src.report import BalanceReport
@@ -47,6 +48,7 @@ __all__ = [
     "Weighting",
     "WeightingResult",
     "WeightingState",
+    "detach_shared",
     "loss_weights",
     "min_norm_weights",
 ]

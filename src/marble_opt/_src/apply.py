@@ -45,7 +45,9 @@ from .sources import (
     device_finite,
     entrywise_finite,
     finite_sums,
+    sharded,
 )
+from .fsdp import split_local, write_local
 
 __all__ = ["Update", "Written", "write_gradient"]
 
@@ -64,6 +66,8 @@ class Update:
         used: with ``rows``: per parameter, whether any loss reached it.
         norms: with ``rows``: ``‖rows_m‖`` (M,) from G, which proves the update finite.
         nan: fill every ``p.grad`` with NaN instead (``nonfinite="propagate"``).
+        origins: ``(leaf, origin)`` pairs of the detached shared form (``detach_shared``): the
+            backward of the balanced losses stops at each leaf and goes on from its origin.
     """
 
     coefficients: np.ndarray | None
@@ -73,6 +77,7 @@ class Update:
     used: Sequence[bool] | None = None
     norms: np.ndarray | None = None
     nan: bool = False
+    origins: Sequence[tuple[Tensor, Tensor]] = ()
 
 
 @dataclass(frozen=True)
@@ -126,27 +131,30 @@ def write_gradient(
                 p.grad.fill_(float("nan"))
         return Written(finite=False)
     assert update.coefficients is not None
+    if sharded(params):
+        return _write_sharded(update, params, check, retain_graph, carry)
     if update.rows is not None:
         return _write_rows(update, params, check, comm)
     if in_place and any(p.grad is not None for p in params):
-        total = _weighted_sum(update.losses, update.coefficients, update.extra)
-        if total is None:
+        combined = _combined(update, retain_graph)
+        if combined is None:
             return Written(finite=True)
-        torch.autograd.backward(total, inputs=list(params), retain_graph=retain_graph)
+        torch.autograd.backward(combined[0], combined[1], inputs=list(params), retain_graph=retain_graph)
         _require_dense([p.grad for p in params], "the combined loss")
         return Written(finite=all_finite([p.grad for p in params if p.grad is not None]))
 
     # One backward: into p.grad when no parameter has a gradient yet (DDP's reducer sees the
     # pass; cleared again if it is refused), else apart, then added.
-    total = _weighted_sum(update.losses, update.coefficients, update.extra)
-    into_grad = total is not None and all(p.grad is None for p in params)
+    combined = _combined(update, retain_graph)
+    into_grad = combined is not None and all(p.grad is None for p in params)
     grads: Sequence[Tensor | None] = ()
-    if total is not None:
+    if combined is not None:
+        roots, seeds = combined
         if into_grad:
-            torch.autograd.backward(total, inputs=list(params), retain_graph=retain_graph)
+            torch.autograd.backward(roots, seeds, inputs=list(params), retain_graph=retain_graph)
             grads = [p.grad for p in params]
         else:
-            grads = torch.autograd.grad(total, list(params), allow_unused=True, retain_graph=retain_graph)
+            grads = torch.autograd.grad(roots, list(params), seeds, allow_unused=True, retain_graph=retain_graph)
     present = [g for g in grads if g is not None]
     try:
         _require_dense(grads, "the combined loss")
@@ -213,6 +221,53 @@ def _write_rows(update: Update, params: Sequence[Tensor], check: str, comm: Coll
     return Written(finite=True if finite is None and check == "host" else finite)
 
 
+def _write_sharded(
+    update: Update, params: Sequence[Tensor], check: str, retain_graph: bool, carry: Tensor | None
+) -> Written:
+    """FSDP2: the update added to the sharded ``p.grad``.
+
+    The exact source's rows are this rank's shard entries of the rank-averaged gradients, so
+    ``cᵀ·rows`` is this rank's shard of the update, written with ``fsdp.write_local`` (no
+    communication). Everything else (the combined loss, ``extra``) is one ordinary backward,
+    without ``inputs=``: FSDP's hooks must run (all-gather, reduce-scatter into ``p.grad``).
+    Finiteness is checked on the local shards only; the caller agrees with the other ranks
+    (``Collective.all_true``): a non-finite entry reaches only the rank owning its shard.
+    """
+    had_grads = any(p.grad is not None for p in params)
+    c = update.coefficients
+    assert c is not None
+    if update.rows is not None:
+        combined = None if update.extra is None else ([update.extra], [None])
+    else:
+        combined = _combined(update, retain_graph)
+    if combined is not None:  # no inputs=: FSDP's hooks must run
+        torch.autograd.backward(combined[0], combined[1], retain_graph=retain_graph)
+    if update.rows is not None:
+        rows = update.rows
+        idx = np.flatnonzero(c)
+        weights = torch.as_tensor(np.where(c != 0.0, c, 0.0), dtype=torch.float64)
+        if idx.size:
+            direction = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+            for k in idx:  # skip excluded rows: 0 · (non-finite row) would poison the sum
+                direction.add_(rows[k].to(torch.float64), alpha=float(weights[k]))
+            for p, local in zip(params, split_local(direction, params)):
+                write_local(p, local)
+    present = [p.grad.to_local() for p in params if p.grad is not None]
+    proven = update.rows is not None and update.extra is None
+    finite: bool | Tensor | None = None
+    carried = None
+    if check == "host":
+        finite = proven or all_finite(present)
+        if carry is not None:
+            carried = carry.cpu().numpy()
+            finite = finite and bool(np.isfinite(carried).all())
+        if not finite and not had_grads:
+            _clear(params, True)
+    elif check == "device" and present:
+        finite = device_finite(present)
+    return Written(finite=finite, carried=carried)
+
+
 def _read_with(carry: Tensor, flag: Tensor | None) -> tuple[np.ndarray, bool]:
     """``carry`` and the finiteness ``flag`` in one device-to-host transfer."""
     if flag is None:
@@ -222,6 +277,31 @@ def _read_with(carry: Tensor, flag: Tensor | None) -> tuple[np.ndarray, bool]:
         flag = flag.to(carry.device)
     host = torch.cat([carry, flag]).cpu().numpy()  # the one read of this step
     return host[:-1], bool(host[-1])
+
+
+def _combined(update: Update, retain_graph: bool) -> tuple[list[Tensor], list[Tensor | None]] | None:
+    """The roots and seed gradients of the combined backward: ``Σ c_m L_m (+ extra)``, or
+    with detached shared leaves (``update.origins``) the origins seeded with the balanced
+    losses' gradient w.r.t. the leaves (one short pass through the loss heads), plus
+    ``extra``. None when there is nothing to backward."""
+    assert update.coefficients is not None
+    if not update.origins:
+        total = _weighted_sum(update.losses, update.coefficients, update.extra)
+        return None if total is None else ([total], [None])
+    balanced = _weighted_sum(update.losses, update.coefficients, None)
+    roots: list[Tensor] = []
+    seeds: list[Tensor | None] = []
+    if balanced is not None:
+        leaves = [leaf for leaf, _ in update.origins]
+        grads = torch.autograd.grad(balanced, leaves, allow_unused=True, retain_graph=retain_graph)
+        for (_, origin), g in zip(update.origins, grads):
+            if g is not None:
+                roots.append(origin)
+                seeds.append(g)
+    if update.extra is not None:
+        roots.append(update.extra)
+        seeds.append(None)
+    return (roots, seeds) if roots else None
 
 
 def _weighted_sum(losses: Sequence[Tensor], c: np.ndarray, extra: Tensor | None) -> Tensor | None:

@@ -335,6 +335,7 @@ class Balancer:
         one rank's error is raised on every rank."""
         failure: BaseException | None = None
         keys: tuple[str, ...] = ()
+        mesh: Any = None
         try:
             if self.estimator.name == "cross":
                 per_sample, batch = checks.check_per_sample(losses, self._names)
@@ -353,6 +354,9 @@ class Balancer:
             if gram_params is not None:  # frozen since construction?
                 checks.check_gram_params(self._param_groups(), gram_params)
             params = self._params_of()
+            mesh = checks.sharding(params)
+            if mesh is not None:
+                self.check_sharded(mesh)
         except Exception as err:
             if not self.comm.active:
                 raise
@@ -371,7 +375,29 @@ class Balancer:
             extra=extra,
             params=params,
             values=checks.stacked_values(tensors, extra),
+            mesh=mesh,
         )
+
+    def check_sharded(self, mesh: Any) -> None:
+        """Refuse what does not work with FSDP2 parameters on ``mesh`` (a 1-D device mesh)."""
+        if self.estimator.name == "cross":
+            raise NotImplementedError(
+                "gram_estimator='cross' is not supported with parameters sharded by FSDP2 (fully_shard): its two "
+                "half-batch gradients would need two more backward passes per objective through FSDP; use "
+                "gram_estimator='batch'"
+            )
+        if self.gram == "params":
+            raise NotImplementedError(
+                "gram='params' is not supported with parameters sharded by FSDP2 (fully_shard): gram_params are "
+                "shards off the autograd graph; use gram='shared', 'exact' or 'exact-lean'"
+            )
+        group = self.comm._group()
+        size = 1 if group is None else torch.distributed.get_world_size(group)
+        if size != mesh.size():
+            raise ValueError(
+                f"the parameters are sharded by fully_shard over {mesh.size()} ranks, but this optimizer agrees with "
+                f"{size} (process_group={self.comm.process_group!r}): pass process_group=mesh.get_group()"
+            )
 
     def measure(self, inputs: Inputs, *, keep_graph: bool) -> Measurement:
         """G and the loss values (one device-to-host transfer on one process)."""

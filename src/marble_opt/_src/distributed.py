@@ -250,6 +250,16 @@ class Collective:
         r = float(self.world_size)
         return (t / (r * r)).cpu().numpy()
 
+    def gram_of_shards(self, gram: np.ndarray, device: torch.device) -> np.ndarray:
+        """``Σ_r G_r``: the Gram of gradients sharded over the ranks (FSDP2: each rank holds
+        disjoint entries of the rank-averaged gradients), from the partial Gram matrices."""
+        group = self._group()
+        if group is None:
+            return gram
+        t = torch.as_tensor(gram, dtype=torch.float64).to(device)
+        self._all_reduce(t, "gram", group)
+        return t.cpu().numpy()
+
     def same_everywhere(self, *arrays: np.ndarray, device: torch.device) -> tuple[np.ndarray, ...]:
         """The arrays as the group's first rank holds them (one float64 broadcast), so that
         everything computed from them is bit-identical on every rank."""

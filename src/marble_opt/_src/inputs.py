@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .estimators import split_halves
+from .fsdp import fsdp2_mesh
 
 __all__ = [
     "Inputs",
@@ -44,6 +45,7 @@ class Inputs:
         params: the trainable parameters, deduplicated, in ``param_groups`` order.
         values: (K,) or (K+1,) float64 on the losses' device, not read: the loss values and
             ``extra``'s (one conversion, one transfer when read).
+        mesh: the FSDP2 device mesh when the parameters are ``fully_shard`` shards, else None.
     """
 
     names: tuple[str, ...]
@@ -54,6 +56,7 @@ class Inputs:
     extra: Tensor | None
     params: list[Tensor]
     values: Tensor
+    mesh: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -92,21 +95,34 @@ def refuse_sharded(p: Tensor, index: int) -> None:
 
 def trainable_params(param_groups: Iterable[Mapping[str, Any]]) -> list[Tensor]:
     """The parameters that require grad, deduplicated by identity (a parameter listed twice
-    gets its gradient once), in group order; sharded ones are refused (checked at every call,
-    so parameters swapped in after construction are seen too)."""
+    gets its gradient once), in group order. Parameters sharded by FSDP2 (``fully_shard`` on a
+    1-D mesh) are accepted when all of them are (``sharding``); every other sharded layout is
+    refused. Checked at every call, so parameters swapped in after construction (accelerate's
+    ``prepare`` with its FSDP plugin) are seen too."""
     seen: set[int] = set()
     params = []
+    unusual = False
     for group in param_groups:
         for p in group["params"]:
             if p.requires_grad and id(p) not in seen:
                 # Plain parameters pass two identity tests; anything else is looked at closely.
                 if (type(p) is not torch.nn.Parameter and type(p) is not Tensor) or "ds_id" in p.__dict__:
-                    refuse_sharded(p, len(params))
+                    unusual = True
                 seen.add(id(p))
                 params.append(p)
     if not params:
         raise ValueError("the wrapped optimizer has no parameter that requires grad")
+    if unusual:
+        fsdp2_mesh(params)  # raises for every layout but FSDP2 on one 1-D mesh
     return params
+
+
+def sharding(params: Sequence[Tensor]) -> Any:
+    """The FSDP2 device mesh of ``params`` (from ``trainable_params``), or None."""
+    p = params[0]
+    if type(p) is torch.nn.Parameter or type(p) is Tensor:
+        return None
+    return fsdp2_mesh(params)
 
 
 def check_gram_params(param_groups: Iterable[Mapping[str, Any]], gram_params: Any) -> list[Tensor]:

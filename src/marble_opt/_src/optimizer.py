@@ -26,7 +26,9 @@ from .accumulation import FOREIGN_GRADIENTS, Accumulation, grad_mark
 from .apply import Update, write_gradient
 from .balancer import Balancer
 from .device_skip import check_device_skip, step_on_device
-from .inputs import Inputs, refuse_sharded
+from .fsdp import detached_origins, fsdp2_mesh
+from .inputs import sharding as checks_sharding
+from .inputs import Inputs
 from .report import BalanceReport, DeviceVerdict, make_report
 from .selection import Verdict, check_values
 from .sources import ExactSource, nonfinite_objectives
@@ -34,6 +36,13 @@ from .weightings import Weighting
 from .wrapper import WrappedOptimizer
 
 __all__ = ["MarbleOptimizer"]
+
+
+#: The error for ``skip_on_device=True`` with FSDP2 parameters.
+FSDP_DEVICE_SKIP = (
+    "skip_on_device=True is not supported with parameters sharded by FSDP2 (fully_shard): the ranks must agree "
+    "on a skip, which needs a host read; construct with skip_on_device=False"
+)
 
 
 class MarbleOptimizer(WrappedOptimizer):
@@ -159,8 +168,11 @@ class MarbleOptimizer(WrappedOptimizer):
         )
         if skip_on_device:
             check_device_skip(optimizer, nonfinite)
-        for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-            refuse_sharded(p, i)  # and at every backward: accelerate shards after construction
+        # Sharded layouts other than FSDP2 are refused here and at every backward (accelerate
+        # shards after construction); FSDP2 shards are accepted (see Balancer.check_inputs).
+        mesh = fsdp2_mesh([p for group in optimizer.param_groups for p in group["params"]])
+        if mesh is not None and skip_on_device:
+            raise ValueError(FSDP_DEVICE_SKIP)
         super().__init__(optimizer)
         self.balancer._rebind(lambda: self.optimizer.param_groups)
         self.skip_on_device = skip_on_device
@@ -282,6 +294,8 @@ class MarbleOptimizer(WrappedOptimizer):
         if self.skip_on_device and bal.comm.active:
             raise ValueError("skip_on_device=True is not supported under torch.distributed: construct with False")
         params = bal.params()
+        if self.skip_on_device and checks_sharding(params) is not None:
+            raise ValueError(FSDP_DEVICE_SKIP)
         if accum.forget_stale(params):
             self._new_accumulation()
         self._accum.begin(params, self._warned)
@@ -315,6 +329,7 @@ class MarbleOptimizer(WrappedOptimizer):
             rows=source.rows if exact else None,
             used=source.used if exact else None,
             norms=source.norms if exact else None,
+            origins=detached_origins(inputs.shared),
         )
         written = write_gradient(update, inputs.params, check=check, in_place=bal.comm.active, comm=bal.comm)
         source.release()
@@ -334,7 +349,7 @@ class MarbleOptimizer(WrappedOptimizer):
         usable = np.ones(len(names), dtype=bool)
         if self.skip_on_device:  # no host read: finiteness goes to the wrapped step's found_inf
             w, alpha = bal.cached_weights(usable)
-            written = write_gradient(Update(w, inputs.losses, inputs.extra), inputs.params, check=check)
+            written = write_gradient(Update(w, inputs.losses, inputs.extra, origins=detached_origins(inputs.shared)), inputs.params, check=check)
             loss_flag = inputs.values.isfinite().all()
             self._accum.add_flag(loss_flag)
             flag = loss_flag if written.finite is None else loss_flag & written.finite.to(loss_flag.device)
@@ -345,7 +360,7 @@ class MarbleOptimizer(WrappedOptimizer):
             return make_report(names, lazy, weights=alpha, loss_weights=w, status="cached", verdict=verdict), verdict
         if bal.nonfinite != "exclude" and not bal.comm.active:  # one host read: values and finiteness
             w, alpha = bal.cached_weights(usable)
-            update = Update(w, inputs.losses, inputs.extra)
+            update = Update(w, inputs.losses, inputs.extra, origins=detached_origins(inputs.shared))
             written = write_gradient(update, inputs.params, check="host", carry=inputs.values)
             values = written.carried
             assert values is not None
@@ -359,12 +374,12 @@ class MarbleOptimizer(WrappedOptimizer):
         selection = check_values(values, names, bal.nonfinite, inputs.extra is not None)
         if isinstance(selection, Verdict):
             return self._stop(inputs, values, selection), None
-        retain = bal.nonfinite == "exclude" and not bal.comm.active
+        retain = bal.nonfinite == "exclude" and not bal.comm.active and inputs.mesh is None
         while True:
             w, alpha = bal.cached_weights(selection.usable)
             if w is None:
                 return self._stop(inputs, values, bal.no_usable(names, selection)), None
-            update = Update(w, inputs.losses, inputs.extra)
+            update = Update(w, inputs.losses, inputs.extra, origins=detached_origins(inputs.shared))
             written = write_gradient(update, inputs.params, in_place=bal.comm.active, retain_graph=retain)
             if bal.comm.all_true(bool(written.finite), inputs.device):
                 break

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .distributed import Collective
+from .fsdp import check_detached, check_gradient_sync, detached_origins, fsdp2_modules, per_objective_local_rows
 
 __all__ = [
     "GRAM_SOURCES",
@@ -222,6 +223,17 @@ def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], numels: Sequence[
 
 
 
+def sharded(params: Sequence[Tensor]) -> bool:
+    """Whether ``params`` are FSDP2 shards (``inputs.trainable_params`` accepts them only all
+    together, on one 1-D mesh)."""
+    return bool(params) and hasattr(params[0], "device_mesh")
+
+
+def _local_numels(params: Sequence[Tensor]) -> list[int]:
+    """Entries of each parameter's local shard (FSDP2: ``p.to_local()``)."""
+    return [p.to_local().numel() for p in params]
+
+
 class GramSource(abc.ABC):
     """One way of measuring G (see the module docstring). Subclasses implement ``_local`` (the
     per-objective passes on this process) and ``_reduce`` (averaging over ranks, the Gram)."""
@@ -372,6 +384,14 @@ class ExactSource(GramSource):
         return self._buffer
 
     def _local(self, losses, names, params, shared, keep_graph, comm):
+        if sharded(params):  # FSDP2: K ordinary backward passes through FSDP's reduce-scatter
+            check_gradient_sync(fsdp2_modules(params))
+            shape = (len(losses), sum(_local_numels(params)))
+            device = params[0].to_local().device
+            buf = self._storage = _reuse(self._storage, shape, _grad_dtype(params), device)
+            per_objective_local_rows(losses, params, buf, retain_graph=keep_graph)
+            self.used = [True] * len(params)
+            return buf
         numels = _numels(params)
         shape = (len(losses), sum(numels))
         buf = self._storage = _reuse(self._storage, shape, _grad_dtype(params), params[0].device)
@@ -388,6 +408,12 @@ class ExactSource(GramSource):
         return buf
 
     def _reduce(self, rows, params, comm, carry):
+        if sharded(params):  # FSDP averaged each row; the partial Gram matrices add up
+            self._buffer = rows
+            gram, carried = self._gram(rows, carry=carry)
+            gram = comm.gram_of_shards(gram, rows.device)
+            self.norms = np.sqrt(np.diag(gram))
+            return gram, carried
         self._buffer = comm.mean_(rows)  # autograd.grad bypasses DDP: average across ranks here
         gram, carried = self._gram(rows, carry=carry)
         self.norms = np.sqrt(np.diag(gram))  # proves the update finite without reading it
@@ -430,6 +456,14 @@ class ExactLeanSource(GramSource):
         self._host: Tensor | None = None
 
     def _local(self, losses, names, params, shared, keep_graph, comm):
+        if sharded(params):  # FSDP2: each objective's local shard straight to host memory
+            check_gradient_sync(fsdp2_modules(params))
+            device = params[0].to_local().device
+            shape = (len(losses), sum(_local_numels(params)))
+            host = self._host = _reuse(
+                self._host, shape, _grad_dtype(params), torch.device("cpu"), pin=device.type == "cuda"
+            )
+            return per_objective_local_rows(losses, params, host, retain_graph=True)
         numels = _numels(params)
         device = params[0].device
         dtype = _grad_dtype(params)
@@ -464,6 +498,10 @@ class ExactLeanSource(GramSource):
         return host
 
     def _reduce(self, rows, params, comm, carry):
+        if sharded(params):
+            device = params[0].to_local().device
+            gram, carried = self._gram(rows, device=device, carry=carry)
+            return comm.gram_of_shards(gram, device), carried
         return self._gram(rows, device=params[0].device, carry=carry)  # rows already averaged, one at a time
 
 
@@ -499,6 +537,8 @@ class SharedSource(GramSource):
             if all(g is None for g in grads):
                 blind.append(names[k])
             reached = [r or g is not None for r, g in zip(reached, grads)]
+        if detached_origins(shared):
+            check_detached(losses, shared)
         for i, z in enumerate(shared):
             if not reached[i]:
                 raise ValueError(
@@ -531,6 +571,11 @@ class ParamsSource(GramSource):
         self.gram_params = list(unique.values())
 
     def _local(self, losses, names, params, shared, keep_graph, comm):
+        if sharded(params):
+            raise NotImplementedError(
+                "gram='params' is not supported under FSDP2 (fully_shard): gram_params are shards off the autograd "
+                "graph; use gram='shared' (the gradients w.r.t. a shared tensor), 'exact' or 'exact-lean'"
+            )
         numels = _numels(self.gram_params)
         buf = self._rows((len(losses), sum(numels)), self.gram_params)
         for k, loss in enumerate(losses):
