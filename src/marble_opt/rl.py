@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -87,12 +87,7 @@ def group_advantages(
         ``{name: (B,) float32 advantages}``; 0 where the reward is NaN, and 0 for a group
         whose valid rewards are all equal (never NaN).
     """
-    if not isinstance(rewards, Mapping) or not rewards:
-        raise ValueError("rewards must be a non-empty dict {name: (B,) tensor}")
-    if not isinstance(group_ids, Tensor) or group_ids.ndim != 1:
-        raise ValueError(f"group_ids must be a 1-D tensor of shape (B,), got {group_ids!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    _check_group_args(rewards, group_ids, eps)
     batch = group_ids.shape[0]
     _, inverse = torch.unique(group_ids, return_inverse=True)
     num_groups = int(inverse.max()) + 1 if batch else 0
@@ -166,12 +161,7 @@ def gdpo_advantages(
     Returns:
         (B,) float32 advantages; NaN exactly where no reward applies.
     """
-    if not isinstance(rewards, Mapping) or not rewards:
-        raise ValueError("rewards must be a non-empty dict {name: (B,) tensor}")
-    if not isinstance(group_ids, Tensor) or group_ids.ndim != 1:
-        raise ValueError(f"group_ids must be a 1-D tensor of shape (B,), got {group_ids!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    _check_group_args(rewards, group_ids, eps)
     weights = dict(weights or {})
     unknown = sorted(set(weights) - set(rewards))
     if unknown:
@@ -482,3 +472,13 @@ def flow_sample(
         x = (s_next / s) * x + ((1 - s_next) - s_next * (1 - s) / s) * d
         prev_x0, prev_h = x0, h
     return x
+
+
+def _check_group_args(rewards: Any, group_ids: Any, eps: Any) -> None:
+    """The checks shared by the group-normalised advantages: ``ValueError`` naming the argument."""
+    if not isinstance(rewards, Mapping) or not rewards:
+        raise ValueError("rewards must be a non-empty dict {name: (B,) tensor}")
+    if not isinstance(group_ids, Tensor) or group_ids.ndim != 1:
+        raise ValueError(f"group_ids must be a 1-D tensor of shape (B,), got {group_ids!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
