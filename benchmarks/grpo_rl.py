@@ -22,7 +22,23 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "grpo_marble"))
 import task  # noqa: E402
-import train  # noqa: E402
+
+
+def _load_train():
+    """examples/grpo_marble/train.py under its own module name (the diffusion example's
+    ``train`` may be imported in the same process)."""
+    import importlib.util
+
+    name = "grpo_marble_train"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "grpo_marble" / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+train = _load_train()
 
 METHODS = ("weighted-sum", "gdpo", "marble")
 KEYS = ("judge", *(f"reward/{n}" for n in task.REWARD_NAMES))

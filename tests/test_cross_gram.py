@@ -226,7 +226,9 @@ def test_split_and_processing_properties(k: int, n_groups: int, per_group: int, 
     np.testing.assert_allclose(consistency * products, np.sum(a * b, axis=1), atol=1e-12)
     from marble_opt._src.estimators import Measurement
 
-    measured = Measurement(gram=cross, raw=cross, values=np.zeros(k), losses=[], coefficients=np.eye(k), products=products)
+    measured = Measurement(
+        gram=cross, raw=cross, values=np.zeros(k), losses=[], coefficients=np.eye(k), products=products
+    )
     used = CrossGram(floor=floor).process(cross, np.ones(k, dtype=bool), measured)
     assert np.linalg.eigvalsh(used).min() >= -1e-10 * max(1.0, np.abs(used).max())
     assert (np.diag(used) >= floor * products - 1e-12).all()

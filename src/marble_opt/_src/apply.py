@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .distributed import Collective
+from .fsdp import split_local, write_local
 from .sources import (
     _as_param,
     _finite_combination,
@@ -47,7 +48,6 @@ from .sources import (
     finite_sums,
     sharded,
 )
-from .fsdp import split_local, write_local
 
 __all__ = ["Update", "Written", "write_gradient"]
 

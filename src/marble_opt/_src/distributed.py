@@ -194,9 +194,7 @@ class Collective:
         self._agreed, self._agreed_set = tuple(gathered[0]), sets[0]
         return self._agreed
 
-    def mean_losses(
-        self, values: np.ndarray, device: torch.device, failure: BaseException | None = None
-    ) -> np.ndarray:
+    def mean_losses(self, values: np.ndarray, device: torch.device, failure: BaseException | None = None) -> np.ndarray:
         """Mean over ranks of the loss values (float64, 1-D); non-finite anywhere stays
         non-finite everywhere (a sum with a NaN or ±inf is not finite). One all-reduce of
         ``values.size + 1`` float64: the last entry counts the ranks whose local work raised

@@ -27,8 +27,8 @@ from .apply import Update, write_gradient
 from .balancer import Balancer
 from .device_skip import check_device_skip, step_on_device
 from .fsdp import detached_origins, fsdp2_mesh
-from .inputs import sharding as checks_sharding
 from .inputs import Inputs
+from .inputs import sharding as checks_sharding
 from .report import BalanceReport, DeviceVerdict, make_report
 from .selection import Verdict, check_values
 from .sources import ExactSource, nonfinite_objectives
@@ -349,7 +349,11 @@ class MarbleOptimizer(WrappedOptimizer):
         usable = np.ones(len(names), dtype=bool)
         if self.skip_on_device:  # no host read: finiteness goes to the wrapped step's found_inf
             w, alpha = bal.cached_weights(usable)
-            written = write_gradient(Update(w, inputs.losses, inputs.extra, origins=detached_origins(inputs.shared)), inputs.params, check=check)
+            written = write_gradient(
+                Update(w, inputs.losses, inputs.extra, origins=detached_origins(inputs.shared)),
+                inputs.params,
+                check=check,
+            )
             loss_flag = inputs.values.isfinite().all()
             self._accum.add_flag(loss_flag)
             flag = loss_flag if written.finite is None else loss_flag & written.finite.to(loss_flag.device)
@@ -410,7 +414,9 @@ class MarbleOptimizer(WrappedOptimizer):
         self._accum.skip = True
         if self.nonfinite == "propagate":
             write_gradient(Update(None, nan=True), inputs.params)
-        return make_report(inputs.names, values[: len(inputs.names)], skipped=True, status="skipped", reason=verdict.reason)
+        return make_report(
+            inputs.names, values[: len(inputs.names)], skipped=True, status="skipped", reason=verdict.reason
+        )
 
     @overload
     def step(

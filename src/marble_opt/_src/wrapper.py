@@ -163,4 +163,3 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self._load_extra_state(extra)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-

@@ -79,9 +79,11 @@ class CallableWeighting(Weighting):
                 tensors[key] = value.detach().clone()
             elif _plain(value):
                 attrs[key] = value
-        return {"tensors": {k: v for k, v in tensors.items() if v is not None}, "none": sorted(
-            k for k, v in tensors.items() if v is None
-        ), "attrs": attrs}
+        return {
+            "tensors": {k: v for k, v in tensors.items() if v is not None},
+            "none": sorted(k for k, v in tensors.items() if v is None),
+            "attrs": attrs,
+        }
 
     def _restore(self, snap: dict[str, Any]) -> None:
         fn = self.fn
