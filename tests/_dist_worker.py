@@ -63,7 +63,48 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # averaged over ranks, so it equals one process whose halves are the union of them
     "exact-cross-ddp": dict(gram="exact", ddp=True, steps=3, estimator="cross"),
     "params-cross-ddp-refresh": dict(gram="params", ddp=True, steps=4, refresh_every=2, estimator="cross"),
+    # Issue 18: the cross estimator with unequal, odd local batches (3 and 5 samples of the 8),
+    # then with groups that split each rank's batch differently (A: 2 of 3 on rank 0, 2 of 5
+    # on rank 1). No one-process reference: the step is the gradient of the mean over ranks of
+    # the local mean losses (checked against autograd, ``update_err``); the ranks stay bit-identical.
+    "exact-cross-ddp-odd": dict(gram="exact", ddp=True, steps=3, estimator="cross", split=(3, 5), reference=False),
+    "exact-cross-ddp-groups": dict(
+        gram="exact",
+        ddp=True,
+        steps=3,
+        estimator="cross",
+        split=(3, 5),
+        groups=([0, 0, 1], [7, 8, 8, 8, 9]),
+        reference=False,
+    ),  # fmt: skip
+    # a stochastic weighting, seeded differently on each rank: every rank applies the first
+    # rank's weights (so the run equals one process whose weighting has rank 0's seed)
+    "exact-ddp-random-weighting": dict(gram="exact", ddp=True, steps=3, weighting="random"),
 }
+
+
+class RandomWeights:
+    """A Gramian weighting that draws its weights (like TorchJD's ``RandomWeighting``, or
+    ``PCGradWeighting``'s random order, with a per-rank RNG): positive, summing to 1, from its
+    own generator; ``drawn`` keeps what it returned."""
+
+    def __init__(self, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        self.drawn: list[list[float]] = []
+
+    def __call__(self, gram: torch.Tensor) -> torch.Tensor:
+        w = torch.softmax(torch.randn(gram.shape[0], generator=self.gen, dtype=torch.float64), 0)
+        self.drawn.append(w.tolist())
+        return w
+
+
+def local_rows(cfg: dict[str, Any], rank: int, distributed: bool) -> slice:
+    """This rank's samples of the global batch: equal halves, or ``cfg["split"]`` sizes."""
+    if not distributed:
+        return slice(None)
+    sizes = cfg.get("split", (B_LOCAL,) * WORLD)
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
 
 
 class Net(nn.Module):
@@ -115,11 +156,15 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
         import torch.distributed as dist
 
         group = dist.new_group(list(range(world))) if distributed else None
+    weighting_options: dict[str, Any] = dict(ema_decay=0.7, normalize=cfg.get("normalize", "l2"))
+    random_weights = None
+    if cfg.get("weighting") == "random":
+        random_weights = RandomWeights(seed=100 + rank)  # another seed on each rank
+        weighting_options = dict(weighting=random_weights)
     marble = MarbleOptimizer(
         torch.optim.SGD(net.parameters(), lr=0.1),
         gram=gram,
-        ema_decay=0.7,
-        normalize=cfg.get("normalize", "l2"),
+        **weighting_options,
         refresh_every=cfg.get("refresh_every", 1),
         gram_params=[net.out.weight, net.out.bias] if gram == "params" else None,
         gram_estimator=cfg.get("estimator", "batch"),
@@ -144,14 +189,17 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
         "grams": [],
         "traffic": [],
         "progress": [],
+        "loss_weights": [],
+        "update_err": [],
     }
     for step in range(cfg["steps"]):
         before = dict(marble._comm.traffic)
         skipped, losses_seen, grams = [], [], []
         for micro in range(n_micro):
             x, y = global_batch(step, micro)
-            if distributed:
-                x, y = x[rank * B_LOCAL : (rank + 1) * B_LOCAL], y[rank * B_LOCAL : (rank + 1) * B_LOCAL]
+            rows = local_rows(cfg, rank, distributed)
+            x, y = x[rows], y[rows]
+            groups = torch.tensor(cfg["groups"][rank]) if cfg.get("groups") and distributed else None
             if driver == "accumulate":
                 ctx: Any = accelerator.accumulate(model)
             elif is_ddp and micro < n_micro - 1:
@@ -171,7 +219,7 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
                     opt.step(losses)  # positional, through AcceleratedOptimizer.step(closure)
                     report = None
                 else:
-                    report = marble.backward(losses, shared=shared, extra=extra)
+                    report = marble.backward(losses, shared=shared, extra=extra, groups=groups)
                 if driver == "accumulate":
                     opt.step()  # a no-op for accelerate until the last micro-batch
                     opt.zero_grad()
@@ -180,6 +228,9 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
                 skipped.append(report.skipped)
                 losses_seen.append(dict(report.losses))
                 grams.append(report.gram)
+                out["loss_weights"].append(dict(report.loss_weights))
+                if cfg.get("split") and distributed and not report.skipped:
+                    out["update_err"].append(update_error(net, x, y, report.loss_weights))
         if driver != "accumulate":
             if driver != "step":
                 opt.step()
@@ -192,9 +243,25 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
         )
         out["params"].append(flat_params(net))
     out["num_steps"] = marble.num_steps
+    out["drawn"] = [] if random_weights is None else random_weights.drawn
     out["weights"] = dict(marble.weights)
     out["numel"] = sum(p.numel() for p in net.parameters())
     return out
+
+
+def update_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: dict[str, float]) -> float:
+    """max |p.grad − d| / max |d| for d = the mean over ranks of ∇ Σ_k w_k·(local mean of L_k),
+    by autograd on this rank's batch and one all-reduce (every rank calls it)."""
+    import torch.distributed as dist
+
+    params = list(net.parameters())
+    per_sample = per_sample_losses_of(net(x)[1], y)
+    total = sum(weights[k] * v.mean() for k, v in per_sample.items())
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, params)])
+    dist.all_reduce(want)
+    want /= dist.get_world_size()
+    got = torch.cat([p.grad.reshape(-1) for p in params])
+    return ((got - want).abs().max() / want.abs().max()).item()
 
 
 def device_skip_refusal() -> str:
@@ -245,6 +312,23 @@ def name_checks(rank: int) -> dict[str, list[tuple[str, str, float]]]:
                 out[case].append((type(exc).__name__, str(exc), time.monotonic() - start))
             opt.zero_grad()
         out[case].append(("names", ",".join(opt.names), 0.0))
+    # Issue 18, 7c: another bad input on one rank only (rank 1 passes loss "b" per sample, not
+    # its mean): every rank raises at once, then a good call on both works.
+    torch.manual_seed(0)
+    net = Net()
+    opt = MarbleOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), gram="exact")
+    out["nonscalar"] = []
+    for bad in (rank == 1, False):
+        per_sample = per_sample_losses_of(net(x)[1], y)
+        losses = {k: v if (bad and k == "b") else v.mean() for k, v in per_sample.items()}
+        start = time.monotonic()
+        try:
+            opt.step(losses)
+            out["nonscalar"].append(("ok", "", time.monotonic() - start))
+        except ValueError as exc:
+            out["nonscalar"].append((type(exc).__name__, str(exc), time.monotonic() - start))
+        opt.zero_grad()
+    out["nonscalar"].append(("names", ",".join(opt.names), 0.0))
     return out
 
 

@@ -187,6 +187,43 @@ def refusals(rank: int, world: int) -> dict[str, str]:
         opt.backward(losses_of(pred, y), shared=pred)
 
     out["deepspeed-late"] = attempt(deepspeed_late)
+
+    # Issue 18, item 6: layouts swapped in after construction (as accelerate's prepare does with
+    # its FSDP plugin) are refused at backward(), before anything is measured or written.
+    def fsdp1_late() -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        torch.manual_seed(0)
+        net = Net()
+        inner = torch.optim.AdamW(net.parameters(), lr=0.05)
+        opt = MarbleOptimizer(inner, gram="exact")
+        losses = losses_of(net(x), y)  # computed before the wrap: the refusal comes first
+        wrapped = FullyShardedDataParallel(net, device_id=torch.device("cpu"))
+        inner.param_groups[0]["params"] = list(wrapped.parameters())  # the FlatParameter
+        opt.backward(losses)
+
+    out["fsdp1-late"] = attempt(fsdp1_late)
+
+    def tensor_parallel_late() -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        torch.manual_seed(0)
+        net = Net()
+        inner = torch.optim.AdamW(net.parameters(), lr=0.05)
+        opt = MarbleOptimizer(inner, gram="exact")
+        mesh = init_device_mesh("cpu", (world,))
+        old = net.b.weight
+        net.b.weight = torch.nn.Parameter(distribute_tensor(old.detach(), mesh, [Shard(1)]))
+        inner.param_groups[0]["params"] = [net.b.weight if p is old else p for p in inner.param_groups[0]["params"]]
+        before = [p.detach().clone() for p in net.parameters()]
+        try:
+            opt.backward({"a": net.a.weight.sum(), "b": net.c.weight.pow(2).sum()})
+        finally:
+            assert all(p.grad is None for p in net.parameters()), "a gradient was written"
+            assert all(torch.equal(a, b.detach()) for a, b in zip(before, net.parameters()))
+
+    out["tp-late"] = attempt(tensor_parallel_late)
     return out
 
 

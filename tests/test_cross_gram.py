@@ -239,3 +239,46 @@ def test_an_empty_loss_dict_is_refused_clearly_with_the_cross_estimator():
     opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gram_estimator="cross")
     with pytest.raises(ValueError, match="losses is empty"):
         opt.backward({})
+
+
+@pytest.mark.parametrize("half", ["A", "B"])
+def test_an_objective_with_samples_in_one_half_only_gets_its_batch_estimate(half: str) -> None:
+    """Issue 18, item 3: a reward defined for some prompts only (its per-sample loss is 0
+    elsewhere) whose prompts all fall in one half has no gradient in the other half, so its
+    cross products are empty. It takes part with an honest estimate: its row of G is
+    ⟨v_r, g_l^H⟩ with v_r its whole-batch gradient and H the half without its samples, ‖v_r‖²
+    on the diagonal; the report names it in ``batch_estimated``; it is not excluded as a zero
+    gradient, and its weight is MARBLE's on that matrix (not one inflated by a 0 diagonal)."""
+    torch.manual_seed(4)
+    model = Net()
+    x, y = torch.randn(12, 4), torch.randn(12, 3)
+    groups = torch.arange(12) // 2  # 6 groups of 2: A = groups 0, 2, 4; B = 1, 3, 5
+    mask = split_halves(12, groups)
+    only = torch.as_tensor(mask if half == "A" else ~mask, dtype=torch.float32)
+    opt = MarbleOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), gram_estimator="cross", ema_decay=0.0)
+    losses = per_sample_losses(model, x, y)
+    losses["partial"] = only * (model(x)[:, 2] - y[:, 0]) ** 2  # 0 on the other half's prompts
+    report = opt.backward(losses, groups=groups)
+    assert not report.skipped and report.excluded == () and report.reason == ""
+    assert report.batch_estimated == ("partial",)
+    assert np.isnan(report.self_consistency["partial"])
+    again = per_sample_losses(model, x, y)  # no step yet: the same parameters, a fresh graph
+    again["partial"] = only * (model(x)[:, 2] - y[:, 0]) ** 2
+    a, b = half_grads(model, list(again.values()), mask)
+    r = 3
+    assert np.abs((b if half == "A" else a)[r]).max() == 0.0  # really no gradient in the other half
+    frac_a = mask.mean()
+    v = frac_a * a[r] + (1 - frac_a) * b[r]  # its whole-batch gradient
+    other = b if half == "A" else a
+    want = 0.5 * (a @ b.T + b @ a.T)
+    want[r, :3] = want[:3, r] = other[:3] @ v
+    want[r, r] = v @ v
+    np.testing.assert_allclose(report.gram, want, rtol=1e-5, atol=1e-9)
+    # The weighting saw that matrix, PSD-projected, with the floor at ‖v_r‖² for this objective.
+    used = psd_projection(want)
+    products = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    products[r] = v @ v
+    used = used + np.diag(np.maximum(np.diag(used), 0.01 * products) - np.diag(used))
+    w = np.array([report.loss_weights[n] for n in report.names])
+    np.testing.assert_allclose(w, loss_weights(used, "marble"), rtol=1e-4, atol=1e-8)
+    assert report.weights["partial"] > 0.05  # it takes part

@@ -114,6 +114,9 @@ EXPECTED_REFUSALS = {
     "skip_on_device": ["ValueError", "skip_on_device=True", "FSDP2", "skip_on_device=False"],
     "sync-off": ["ValueError", "set_requires_gradient_sync(False)", "set_requires_gradient_sync(True)"],
     "deepspeed-late": ["NotImplementedError", "parameter 2", "DeepSpeed ZeRO stage 3"],
+    # issue 18, item 6: sharded after construction, refused at backward()
+    "fsdp1-late": ["NotImplementedError", "parameter 0", "FSDP1", "fully_shard"],
+    "tp-late": ["NotImplementedError", "parameter 2", "Shard(dim=1)"],
 }
 
 

@@ -267,11 +267,10 @@ def test_backend_is_optimal(solver: str, p: Problem) -> None:
     _STATS["status"][f"{solver}:{status}"] += 1
     assert status != "frank-wolfe-inexact"
     assert_optimal(p, alpha, solver)
-    # The cached solver behind min_norm_weights carries state from earlier calls (OSQP's
-    # adapted rho); on a rank-deficient G it may pick another optimal α: same objective.
-    cached = min_norm_weights(p.gram, solver=solver)
-    assert_optimal(p, cached, solver)
-    assert abs(objective_gap(p, cached, alpha)) <= TOL
+    # min_norm_weights builds a fresh solver per call: the same α as a fresh MinNormSolver,
+    # whatever was solved before (on a rank-deficient G too, where α is not unique).
+    fresh = min_norm_weights(p.gram, solver=solver)
+    np.testing.assert_array_equal(fresh, alpha)
 
 
 @pytest.mark.parametrize("solver", BACKENDS)

@@ -16,6 +16,7 @@ __all__ = [
     "combine_weights",
     "cosine_matrix",
     "objective_scales",
+    "scaled_gram",
     "update_cosines",
 ]
 
@@ -25,6 +26,17 @@ MIN_GRAD_NORM = 0.0
 #: ``"l2"``: ĝ = g/‖g‖ (the paper's); ``"none"``: ĝ = g; ``"loss"``: ĝ = g/L (MGDA);
 #: ``"loss+l2"``: ĝ = g/(L·‖g‖).
 NORMALIZATIONS = ("l2", "none", "loss", "loss+l2")
+
+
+def scaled_gram(gram: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """``S G S`` for ``S = diag(scales)`` (the Gram of ``s_k g_k``). Where ``s_k·s_l`` overflows
+    (a Gram of denormal entries, e.g. 1e-310, normalised: ``s ≈ 1e155``) the product is taken
+    one factor at a time, which stays finite; otherwise one multiplication by the outer product."""
+    with np.errstate(over="ignore"):
+        outer = np.outer(scales, scales)
+    if np.isfinite(outer).all():
+        return gram * outer
+    return (gram * scales[:, None]) * scales[None, :]
 
 
 def objective_scales(

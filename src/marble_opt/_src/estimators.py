@@ -83,7 +83,21 @@ def split_halves(batch: int, groups: Any = None) -> np.ndarray:
     ids = np.asarray(groups).reshape(-1)
     if ids.shape[0] != batch:
         raise ValueError(f"groups has {ids.shape[0]} entries but the per-sample losses have {batch}")
-    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    shown = ids[:8].tolist()
+    if ids.dtype == object:
+        missing = [i for i, v in enumerate(ids.tolist()) if v is None]
+        if missing:
+            raise ValueError(
+                f"groups[{missing[0]}] is None ({len(missing)} of {batch} entries are): groups= needs one id per "
+                f"sample, e.g. the index of its prompt (ints or strings), got {shown}{' ...' if batch > 8 else ''}"
+            )
+    try:
+        _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    except TypeError:
+        raise TypeError(
+            f"groups must hold ids of one comparable kind (ints or strings, one per sample), got {shown}"
+            f"{' ...' if batch > 8 else ''}"
+        ) from None
     if first.size < 2:
         raise ValueError(f"groups has a single group ({ids[0]!r}): the cross estimate needs at least two")
     rank_of = np.empty(first.size, dtype=np.int64)

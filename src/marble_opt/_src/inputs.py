@@ -93,6 +93,11 @@ def refuse_sharded(p: Tensor, index: int) -> None:
         )
 
 
+#: Attributes that FSDP1 (its flat parameter, the parameters flattened into it) and DeepSpeed
+#: ZeRO-3 set on a parameter whose type stays ``nn.Parameter``.
+_SHARD_MARKERS = frozenset({"_is_flat_param", "_fsdp_flattened", "ds_id", "ds_status"})
+
+
 def trainable_params(param_groups: Iterable[Mapping[str, Any]]) -> list[Tensor]:
     """The parameters that require grad, deduplicated by identity (a parameter listed twice
     gets its gradient once), in group order. Parameters sharded by FSDP2 (``fully_shard`` on a
@@ -105,8 +110,12 @@ def trainable_params(param_groups: Iterable[Mapping[str, Any]]) -> list[Tensor]:
     for group in param_groups:
         for p in group["params"]:
             if p.requires_grad and id(p) not in seen:
-                # Plain parameters pass two identity tests; anything else is looked at closely.
-                if (type(p) is not torch.nn.Parameter and type(p) is not Tensor) or "ds_id" in p.__dict__:
+                # Plain parameters pass two identity tests and carry no sharding marker; anything
+                # else is looked at closely. (An FSDP1 FlatParameter *is* an nn.Parameter: only its
+                # marker tells it apart.)
+                if (type(p) is not torch.nn.Parameter and type(p) is not Tensor) or not _SHARD_MARKERS.isdisjoint(
+                    p.__dict__
+                ):
                     unusual = True
                 seen.add(id(p))
                 params.append(p)

@@ -601,17 +601,17 @@ class MinNormSolver:
         return None if x is None or not np.isfinite(x).all() else np.asarray(x, dtype=np.float64)
 
 
-_DEFAULT_SOLVERS: dict[str, MinNormSolver] = {}
-
-
 def min_norm_weights(gram: Any, *, solver: str = "osqp", warm_start: Any = None) -> np.ndarray:
     """Min-norm point of the simplex for a Gram matrix.
 
     Args:
         gram: K×K symmetric PSD matrix, ``G_kl = ⟨g_k, g_l⟩`` (torch tensor or array-like,
             any float dtype).
-        solver: ``"osqp"`` (default, one cached workspace per K), ``"frank-wolfe"``, or the
-            name of any installed qpsolvers backend (``"daqp"``, ``"quadprog"``, ...).
+        solver: ``"osqp"`` (default), ``"frank-wolfe"``, or the name of any installed
+            qpsolvers backend (``"daqp"``, ``"quadprog"``, ...). Each call builds its own
+            solver, so the answer depends on ``gram`` and ``warm_start`` only, never on earlier
+            calls (also where the minimiser is not unique); ``MinNormSolver`` keeps one
+            workspace per K across solves instead (faster, for a loop of solves).
         warm_start: optional (K,) starting weights; if their support is already optimal
             the answer comes from one KKT solve.
 
@@ -628,7 +628,7 @@ def min_norm_weights(gram: Any, *, solver: str = "osqp", warm_start: Any = None)
             bound is returned (not seen on any test problem).
     """
     g = validate_gram(gram)
-    inst = _DEFAULT_SOLVERS.get(solver)
-    if inst is None:
-        inst = _DEFAULT_SOLVERS[solver] = MinNormSolver(solver)
-    return inst.solve(g, warm_start, validated=True)[0]
+    # A fresh solver per call: a cached OSQP workspace carries state from earlier solves (its
+    # adapted ρ, its last iterate), and where the minimiser is not unique (rank-deficient G)
+    # the answer would depend on what was solved before.
+    return MinNormSolver(solver).solve(g, warm_start, validated=True)[0]

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
-__all__ = ["Weighting", "WeightingResult", "WeightingState", "check_preference"]
+__all__ = ["Weighting", "WeightingResult", "WeightingState", "check_preference", "real_scalar"]
 
 
 @dataclass
@@ -142,6 +143,27 @@ class Weighting(abc.ABC):
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts})"
+
+
+def real_scalar(value: Any) -> float | None:
+    """``value`` as a Python float when it is one real number: an int or float (numpy's too),
+    or a 0-d tensor or array of a real, non-bool dtype (``torch.tensor(0.7)``); else None.
+    Bools are not numbers here."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is None or tuple(shape) != () or dtype is None:
+        return None
+    if hasattr(value, "is_floating_point"):  # a torch tensor
+        if value.is_complex() or value.dtype == torch.bool:
+            return None
+        return float(value.detach().cpu().item())
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iuf":
+        return float(value)
+    return None
 
 
 def check_preference(preference: Any, name: str = "preference") -> np.ndarray | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Weighting
+from .base import Weighting, real_scalar
 
 __all__ = ["IMTLGWeighting"]
 
@@ -23,6 +23,14 @@ class IMTLGWeighting(Weighting):
     name = "imtl-g"
 
     def __init__(self, rtol: float | None = None) -> None:
+        if rtol is not None:
+            value = real_scalar(rtol)
+            if value is None or not 0.0 <= value < 1.0:
+                raise ValueError(
+                    f"rtol (IMTL-G's relative cut-off of the pseudo-inverse) must be a float in [0, 1), got {rtol!r}; "
+                    "leave it out for the default K·ε"
+                )
+            rtol = value
         self.rtol = rtol
 
     def options(self) -> dict[str, Any]:

@@ -14,20 +14,20 @@ from typing import Any
 
 import numpy as np
 
-from ..balance import NORMALIZATIONS, combine_weights, objective_scales
+from ..balance import NORMALIZATIONS, combine_weights, objective_scales, scaled_gram
 from ..qp import MinNormSolver
-from .base import Weighting, WeightingResult, WeightingState, check_preference, restricted_preference
+from .base import Weighting, WeightingResult, WeightingState, check_preference, real_scalar, restricted_preference
 
 __all__ = ["MarbleWeighting", "check_ema_decay"]
 
 
 def check_ema_decay(value: Any) -> float:
-    """ρ as a float in [0, 1), or ``ValueError`` quoting the bad value (numpy floats accepted)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    """ρ as a float in [0, 1), or ``ValueError`` quoting the bad value (numpy floats and 0-d
+    tensors, e.g. from a schedule, are accepted and converted)."""
+    rho = real_scalar(value)
+    if rho is None or not 0.0 <= rho < 1.0:
         raise ValueError(f"ema_decay must be a float in [0, 1), got {value!r}")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"ema_decay must be a float in [0, 1), got {value!r}")
-    return float(value)
+    return rho
 
 
 class MarbleWeighting(Weighting):
@@ -42,7 +42,8 @@ class MarbleWeighting(Weighting):
         anchor: λ in [0, 1]: ``α̃ = λ·p + (1−λ)·α*`` leans towards the preference p while
             keeping part of the conflict-avoiding solution (λ=0: the paper's MARBLE).
         preference: p (K,), non-negative, renormalised over the objectives that take part;
-            uniform by default.
+            uniform by default. Used only through ``anchor``: a preference with ``anchor=0``
+            is refused (it would be ignored).
     """
 
     name = "marble"
@@ -61,12 +62,19 @@ class MarbleWeighting(Weighting):
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if not isinstance(rescale, bool):
             raise TypeError(f"rescale must be a bool, got {rescale!r}")
-        if isinstance(anchor, bool) or not isinstance(anchor, (int, float, np.floating)) or not 0.0 <= anchor <= 1.0:
+        lam = real_scalar(anchor)
+        if lam is None or not 0.0 <= lam <= 1.0:
             raise ValueError(f"anchor must be a float in [0, 1], got {anchor!r}")
+        if preference is not None and lam == 0.0:
+            raise ValueError(
+                f"preference={preference!r} has no effect with anchor=0: MARBLE mixes it into α only as "
+                "α̃ = λ·p + (1−λ)·α* with λ = anchor; pass an anchor in (0, 1] with it "
+                "(weighting_options={'anchor': 0.5, 'preference': [...]}), or drop the preference"
+            )
         self.normalize = normalize
         self.rescale = rescale
         self.solver = MinNormSolver(solver)
-        self.anchor = float(anchor)
+        self.anchor = lam
         self.preference = check_preference(preference)
 
     def options(self) -> dict[str, Any]:
@@ -125,9 +133,9 @@ class MarbleWeighting(Weighting):
         names = list(names) if names is not None else [f"#{i}" for i in range(k)]
         scales = objective_scales(norms, losses, valid, self.normalize, names)
         if valid.all():  # the QP's input without the masked copies (same values)
-            scaled = gram * np.outer(scales, scales)
+            scaled = scaled_gram(gram, scales)
         else:
-            scaled = gram[np.ix_(valid, valid)] * np.outer(scales[valid], scales[valid])
+            scaled = scaled_gram(gram[np.ix_(valid, valid)], scales[valid])
         warm = state.warm_start(valid)
         raw = np.zeros(k)
         raw[valid], status = self.solver.solve(scaled, warm, validated=True)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
+from ..balance import scaled_gram
 from .base import Weighting, check_preference, restricted_preference
 
 __all__ = ["UPGradWeighting", "dual_cone_weights", "gram_factor"]
@@ -41,7 +42,7 @@ def dual_cone_weights(gram: np.ndarray, u: np.ndarray, *, ridge: float = 1e-12) 
     if not live.any():
         return v
     d = 1.0 / np.sqrt(diag[live])
-    g_hat = gram[np.ix_(live, live)] * np.outer(d, d)
+    g_hat = scaled_gram(gram[np.ix_(live, live)], d)
     a = gram_factor(g_hat).T
     u_hat = u[live] / d
     n = a.shape[1]
