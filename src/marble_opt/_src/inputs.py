@@ -70,29 +70,6 @@ def stacked_values(losses: Sequence[Tensor], extra: Tensor | None) -> Tensor:
     return local.to(torch.float64)
 
 
-def _is_sharded(p: Tensor) -> str | None:
-    """What shards ``p``, if anything: FSDP1's flat parameter, a DTensor (FSDP2, tensor
-    parallelism), or DeepSpeed ZeRO (its parameters carry ``ds_id``)."""
-    if getattr(p, "_is_flat_param", False):
-        return "an FSDP1 FlatParameter (FullyShardedDataParallel)"
-    if "ds_id" in p.__dict__ or "ds_status" in p.__dict__:
-        return "a DeepSpeed ZeRO parameter"
-    if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-        return "a DTensor (FSDP2 fully_shard or tensor parallelism)"
-    return None
-
-
-def refuse_sharded(p: Tensor, index: int) -> None:
-    """``NotImplementedError`` for a sharded parameter, naming what shards it."""
-    what = _is_sharded(p)
-    if what is not None:
-        raise NotImplementedError(
-            f"parameter {index} (shape {tuple(p.shape)}) is {what}: parameters sharded by FSDP, DeepSpeed ZeRO or "
-            "tensor parallelism are not supported; use DistributedDataParallel (LoRA and models that fit on one "
-            "device), see docs/distributed.md"
-        )
-
-
 #: Attributes that FSDP1 (its flat parameter, the parameters flattened into it) and DeepSpeed
 #: ZeRO-3 set on a parameter whose type stays ``nn.Parameter``.
 _SHARD_MARKERS = frozenset({"_is_flat_param", "_fsdp_flattened", "ds_id", "ds_status"})
