@@ -139,6 +139,7 @@ class Balancer:
         """A Balancer over parameter groups read at each call (``MarbleOptimizer``'s)."""
         self = cls.__new__(cls)
         self._setup(param_groups, **options)
+        self._owner = ("state_dict['marble']", "optimizer")  # error messages name its keys
         return self
 
     def _setup(
@@ -285,6 +286,9 @@ class Balancer:
     def weighted_loss(self, losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
         """``Σ_k w_k L_k`` over the objectives with a non-zero weight (per-sample losses are
         averaged first), so that an excluded, non-finite loss cannot poison it through 0·NaN."""
+        unknown = [name for name in weights if name not in losses]
+        if unknown:
+            raise ValueError(f"weights has {unknown}, which losses has not (losses: {list(losses)})")
         total = None
         for name, w in weights.items():
             if w != 0.0:
@@ -521,15 +525,16 @@ class Balancer:
 
     def check_state(self, state: Any) -> tuple[tuple[str, ...] | None, WeightingState, int, np.ndarray | None]:
         """The state a ``load_state_dict`` would take, or ``ValueError`` naming what is wrong."""
+        where, owner = getattr(self, "_owner", ("state_dict", "balancer"))
         if not isinstance(state, Mapping):
-            raise TypeError(f"the balancing state must be a dict (state_dict()['marble']), got {type(state).__name__}")
-        where = "state_dict['marble']"
+            raise TypeError(f"the balancing state must be a dict ({where}), got {type(state).__name__}")
         saved = state.get("weighting")
         if saved is not None and saved != self.weighting.name:
             raise ValueError(
-                f"{where}['weighting'] = {saved!r}, but this optimizer uses weighting={self.weighting.name!r}: its "
-                "cached weights would be another method's; build the optimizer with the weighting the state was "
-                "saved with, or drop the 'marble' entry to start the balancing afresh"
+                f"{where}['weighting'] = {saved!r}, but this {owner} uses weighting={self.weighting.name!r}: its "
+                f"cached weights would be another method's; build the {owner} with the weighting the state was "
+                "saved with"
+                + (", or drop the 'marble' entry to start the balancing afresh" if owner == "optimizer" else "")
             )
         names = state.get("names")
         if names is not None:
@@ -571,7 +576,7 @@ class Balancer:
         if gram_ema is not None:
             if self.estimator.name != "cross":
                 raise ValueError(
-                    f"{where}['gram_ema'] holds a cross estimate, but this optimizer uses "
+                    f"{where}['gram_ema'] holds a cross estimate, but this {owner} uses "
                     f"gram_estimator={self.estimator.name!r}"
                 )
             gram_ema = torch.as_tensor(gram_ema, dtype=torch.float64).numpy().copy()
@@ -582,7 +587,7 @@ class Balancer:
         external = state.get("weighting_state")
         if external is not None and not getattr(self.weighting, "stateful", False):
             raise ValueError(
-                f"{where}['weighting_state'] holds a stateful weighting's own state, but this optimizer's "
+                f"{where}['weighting_state'] holds a stateful weighting's own state, but this {owner}'s "
                 f"weighting {self.weighting!r} keeps none"
             )
         ws = WeightingState(alpha=alpha, warm=warm, loss_weights=loss_weights, external=external)
