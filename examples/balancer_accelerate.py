@@ -74,6 +74,7 @@ def fresh_model(seed: int) -> TwoHeads:
 
 
 def train_with_balancer(args: argparse.Namespace) -> tuple[TwoHeads, list[dict]]:
+    # --8<-- [start:loop]
     accelerator = Accelerator(cpu=True)
     model = fresh_model(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -91,6 +92,7 @@ def train_with_balancer(args: argparse.Namespace) -> tuple[TwoHeads, list[dict]]
                 optimizer.step()
                 bal.step()
             optimizer.zero_grad()
+            # --8<-- [end:loop]
             entry = {"step": len(log), "losses": bal.report.losses, "weights": w, "skipped": bal.report.skipped}
             log.append(entry)
             losses_text = "  ".join(f"{k}={v:.4f}" for k, v in entry["losses"].items())

@@ -476,3 +476,106 @@ def test_the_cost_script_times_every_method(tmp_path: Path) -> None:
     assert set(medians) == set(bench.METHODS) and all(np.isfinite(v) and v > 0 for v in medians.values())
     ratio = medians["Balancer exact"] / medians["MarbleOptimizer exact"]
     assert result["ratio_balancer_to_optimizer"] == pytest.approx(ratio)
+
+
+_ACCELERATE_RECIPES = r"""
+import json, sys, tempfile
+import torch
+from accelerate import Accelerator
+from _models import batch, model, objectives, optimizer
+from marble_opt import Balancer
+
+def loop(steps, start=0, save_at=None, load=None):
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net = model(0)
+    inner = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    net, inner = acc.prepare(net, inner)
+    bal = Balancer(net.parameters(), gram="exact-lean", ema_decay=0.5)
+    acc.register_for_checkpointing(bal)
+    if load:
+        acc.load_state(load)
+    for i in range(start, steps):
+        if i == save_at:
+            acc.save_state(where)
+        with acc.accumulate(net):
+            losses, _ = objectives(net, batch(i))
+            w = bal.weights(losses)
+            acc.backward(bal.weighted_loss(losses, w))
+            inner.step()
+            if acc.sync_gradients and not inner.step_was_skipped:
+                bal.step()
+            inner.zero_grad()
+    return net, bal
+
+where = tempfile.mkdtemp()
+net, bal = loop(8, save_at=4)
+resumed, bal2 = loop(8, start=4, load=where)
+ref = model(0)
+opt = optimizer(ref, "exact-lean", ema_decay=0.5)
+for s in range(4):
+    for m in range(2):  # accelerate divides the loss by the accumulation steps
+        losses, _ = objectives(ref, batch(2 * s + m))
+        (opt.backward if m == 0 else opt.step)({k: v / 2 for k, v in losses.items()})
+    opt.zero_grad()
+same = lambda a, b: all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+print(json.dumps({
+    "num_steps": [bal.num_steps, bal2.num_steps],
+    "accumulated_as_optimizer": same(net, ref),
+    "ema_as_optimizer": bal.state_dict()["ema"].tolist() == opt.balancer.state_dict()["ema"].tolist(),
+    "resumed_as_uninterrupted": same(net, resumed) and bal.state_dict()["ema"].tolist() == bal2.state_dict()["ema"].tolist(),
+}))
+"""
+
+
+def test_accelerate_accumulation_and_checkpointing_recipes(tmp_path: Path) -> None:
+    """docs/balancer.md's recipes, in a subprocess (accelerate's state is process-wide): under
+    ``accelerator.accumulate`` with 2 steps, ``bal.step()`` on ``sync_gradients`` trains bit for
+    bit as ``MarbleOptimizer`` (backward, then step(losses)) on the halved losses; and
+    ``accelerator.register_for_checkpointing(bal)`` + ``save_state``/``load_state`` resumes bit
+    for bit."""
+    pytest.importorskip("accelerate")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _ACCELERATE_RECIPES], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {
+        "num_steps": [4, 4],
+        "accumulated_as_optimizer": True,
+        "ema_as_optimizer": True,
+        "resumed_as_uninterrupted": True,
+    }
+
+
+def test_a_marble_optimizers_state_loads_into_a_balancer_and_back() -> None:
+    """``MarbleOptimizer.state_dict()["marble"]`` is a Balancer's ``state_dict()``: a run can
+    move from one to the other and go on bit for bit (here with a non-exact source, where the
+    two train bit-identically)."""
+    gram = "shared"
+    net = model(SEED)
+    opt = optimizer(net, gram, ema_decay=0.7)
+    for i in range(2):
+        losses, z = _losses(net, i, 0, "batch")
+        opt.step(losses, shared=z)
+        opt.zero_grad()
+    bal = balancer(net, gram, ema_decay=0.7)
+    bal.load_state_dict(opt.state_dict()["marble"])
+    assert_same_tree(bal.state_dict(), opt.balancer.state_dict())
+    adamw = base_optimizer(net)
+    adamw.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))
+    twin = copy.deepcopy(net)
+    opt2 = optimizer(twin, gram, ema_decay=0.7)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for i in range(2, 4):
+        w = _step(net, adamw, bal, i, gram)
+        losses, z = _losses(twin, i, 0, "batch")
+        assert opt2.step(losses, shared=z).loss_weights == w
+        opt2.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), twin.parameters()))
+    back = optimizer(model(SEED), gram, ema_decay=0.7)
+    state = back.state_dict()
+    state["marble"] = bal.state_dict()
+    back.load_state_dict(state)
+    assert back.num_steps == 4 and back.weights == opt2.weights
