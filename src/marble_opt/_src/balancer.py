@@ -84,12 +84,33 @@ def _param_groups(params: Any) -> list[dict[str, Any]]:
 class Balancer:
     r"""Per-loss weights that balance K objectives, for a caller that does its own backward.
 
+    ``w = weights(losses)`` measures the objectives' Gram matrix and weighs them; the caller
+    backwards ``weighted_loss(losses, w)`` (``Σ_k w_k L_k``), steps its optimizer, then calls
+    ``step()``. The gradient of ``Σ_k w_k L_k`` is the update ``MarbleOptimizer`` would write
+    for the same losses and state (the guide "Balancer" has the loop, its cost and recipes).
+
     Args:
         params: the trained parameters (tensors, or parameter groups as dicts with
             ``"params"``), as given to the optimizer.
-        weighting, weighting_options, ema_decay, normalize, rescale, solver, gram,
-            gram_params, gram_estimator, estimator_options, refresh_every, nonfinite,
-            process_group: as for ``MarbleOptimizer`` (its docstring has each).
+        weighting: as for ``MarbleOptimizer``: a name of ``marble_opt.WEIGHTINGS``, a
+            ``Weighting`` or a callable ``fn(G) -> weights``.
+        weighting_options: as for ``MarbleOptimizer``.
+        ema_decay: MARBLE's ρ (as for ``MarbleOptimizer``).
+        normalize: MARBLE's normalisation (as for ``MarbleOptimizer``).
+        rescale: MARBLE's rescaling (as for ``MarbleOptimizer``).
+        solver: the QP solver (as for ``MarbleOptimizer``).
+        gram: the Gram source, ``"exact"``, ``"exact-lean"``, ``"shared"`` or ``"params"``.
+        gram_params: the parameters ``gram="params"`` measures G on.
+        gram_estimator: ``"batch"`` or ``"cross"`` (per-sample losses).
+        estimator_options: for ``"cross"``: ``{"floor": ..., "ema": ...}``.
+        refresh_every: solve on every N-th step (``step()`` calls); in between, ``weights``
+            returns the cached weights after one read of the loss values.
+        nonfinite: ``"skip"``, ``"raise"``, ``"exclude"`` or ``"propagate"`` (as ``"skip"``).
+        process_group: the ranks to agree with under ``torch.distributed`` (as for
+            ``MarbleOptimizer``).
+
+    Attributes:
+        report: the last ``weights`` call's ``BalanceReport`` (None before the first).
 
     With ``nonfinite="propagate"`` a ``Balancer`` behaves as with ``"skip"`` (it writes no
     gradient; the caller skips its step). Under ``"exclude"`` an excluded objective gets
