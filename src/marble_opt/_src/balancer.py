@@ -25,8 +25,8 @@ forgets the calls of a step that was not taken.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -287,7 +287,12 @@ class Balancer:
             if w is None:
                 return self._stopped(inputs, values, self.no_usable(inputs.names, selection))
             self.report = make_report(
-                inputs.names, values, weights=alpha, loss_weights=w, status="cached", reason="; ".join(selection.reasons)
+                inputs.names,
+                values,
+                weights=alpha,
+                loss_weights=w,
+                status="cached",
+                reason="; ".join(selection.reasons),
             )
             return dict(zip(inputs.names, w.tolist()))
         measured = self.measure(inputs, keep_graph=True)
@@ -343,11 +348,7 @@ class Balancer:
     @property
     def solving(self) -> bool:
         """Whether the next call solves (else it reuses the cached weights)."""
-        return (
-            self._wstate.loss_weights is None
-            or self._num_steps % self.refresh_every == 0
-            or bool(self._pending)
-        )
+        return self._wstate.loss_weights is None or self._num_steps % self.refresh_every == 0 or bool(self._pending)
 
     def params(self) -> list[Tensor]:
         return self._params_of()

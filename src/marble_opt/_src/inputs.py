@@ -138,7 +138,9 @@ def check_scalar(name: str, value: Any) -> Tensor:
     if value.numel() != 1:
         raise ValueError(f"loss {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
     if value.is_complex():
-        raise ValueError(f"loss {name!r} is complex ({value.dtype}): losses must be real; pass e.g. its .real or .abs()")
+        raise ValueError(
+            f"loss {name!r} is complex ({value.dtype}): losses must be real; pass e.g. its .real or .abs()"
+        )
     if not value.requires_grad:
         raise ValueError(
             f"loss {name!r} = {float(value.detach())} does not require grad: it has no path to a "

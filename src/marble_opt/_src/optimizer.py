@@ -396,7 +396,9 @@ class MarbleOptimizer(WrappedOptimizer):
         self._accum.skip = True
         if self.nonfinite == "propagate":
             write_gradient(Update(None, nan=True), inputs.params)
-        return make_report(inputs.names, values[: len(inputs.names)], skipped=True, status="skipped", reason=verdict.reason)
+        return make_report(
+            inputs.names, values[: len(inputs.names)], skipped=True, status="skipped", reason=verdict.reason
+        )
 
     @overload
     def step(

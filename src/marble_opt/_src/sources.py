@@ -30,7 +30,7 @@ its rows (or Gram) over the ranks.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -219,7 +219,6 @@ def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], numels: Sequence[
     else:
         parts = [_real_flat(g) for g in grads]
     torch.cat(parts, out=row)
-
 
 
 class GramSource(abc.ABC):
