@@ -185,6 +185,15 @@ def assert_finite_weights(report: BalanceReport, names: tuple[str, ...]) -> None
     assert sum(report.weights.values()) == pytest.approx(1.0, abs=1e-9), f"α sums to {sum(report.weights.values())}"
 
 
+def assert_on_simplex(report: BalanceReport, tol: float = 1e-9) -> None:
+    """α* (when solved) and α: non-negative and summing to 1 (MARBLE, MGDA: the min-norm point
+    of the simplex, and its EMA)."""
+    fields = ("raw_weights", "weights") if report.solved else ("weights",)
+    for field in fields:
+        a = vec(getattr(report, field), report.names)
+        assert (a >= -tol).all() and abs(float(a.sum()) - 1.0) <= tol, f"{field} = {a} is not on the simplex"
+
+
 def assert_no_conflict(gram: np.ndarray, w: np.ndarray, rel: float = 1e-6) -> None:
     """``⟨d, g_k⟩ = (G w)_k ≥ 0`` for every k, ``d = Σ_l w_l g_l`` (G: the Gram the weighting saw)."""
     inner = gram @ w

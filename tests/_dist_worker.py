@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from marble_opt import MarbleOptimizer
+from marble_opt import Balancer, MarbleOptimizer
 
 B_LOCAL = 4  # samples per rank and micro-batch
 WORLD = 2
@@ -80,6 +80,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # a stochastic weighting, seeded differently on each rank: every rank applies the first
     # rank's weights (so the run equals one process whose weighting has rank 0's seed)
     "exact-ddp-random-weighting": dict(gram="exact", ddp=True, steps=3, weighting="random"),
+    # a Balancer loop (weights → the caller's backward of the weighted loss through DDP → SGD
+    # step → bal.step()): the same contract as MarbleOptimizer's
+    "balancer-exact-ddp": dict(gram="exact", ddp=True, steps=3, balancer=True),
+    "balancer-exact-ddp-nan-loss": dict(gram="exact", ddp=True, steps=3, nan_loss=(1, 0), balancer=True),
+    "balancer-shared-ddp-accum": dict(gram="shared", ddp=True, steps=3, micro=2, balancer=True),
+    "balancer-params-ddp-refresh": dict(gram="params", ddp=True, steps=4, refresh_every=2, balancer=True),
 }
 
 
@@ -161,8 +167,7 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
     if cfg.get("weighting") == "random":
         random_weights = RandomWeights(seed=100 + rank)  # another seed on each rank
         weighting_options = dict(weighting=random_weights)
-    marble = MarbleOptimizer(
-        torch.optim.SGD(net.parameters(), lr=0.1),
+    options = dict(
         gram=gram,
         **weighting_options,
         refresh_every=cfg.get("refresh_every", 1),
@@ -170,6 +175,9 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
         gram_estimator=cfg.get("estimator", "batch"),
         process_group=group,
     )
+    if cfg.get("balancer"):
+        return train_balancer(cfg, net, options, rank, world)
+    marble = MarbleOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), **options)
     model: nn.Module = net
     opt: Any = marble
     driver = cfg.get("accelerate") if distributed else None
@@ -245,6 +253,54 @@ def train(name: str, rank: int = 0, world: int = 1, accelerator: Any = None) -> 
     out["num_steps"] = marble.num_steps
     out["drawn"] = [] if random_weights is None else random_weights.drawn
     out["weights"] = dict(marble.weights)
+    out["numel"] = sum(p.numel() for p in net.parameters())
+    return out
+
+
+def train_balancer(cfg: dict[str, Any], net: Net, options: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """``train`` with a ``Balancer`` and the caller's own backward and SGD step (DDP when
+    ``world > 1``; ``no_sync`` for all but the last micro-batch); the same record."""
+    distributed = world > 1
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    bal = Balancer(net.parameters(), **options)
+    model: nn.Module = nn.parallel.DistributedDataParallel(net) if distributed else net
+    n_micro = cfg.get("micro", 1)
+    inject = rank == 1 or not distributed
+    out: dict[str, Any] = {"params": [flat_params(net)], "skipped": [], "losses": [], "grams": [], "traffic": []}
+    for step in range(cfg["steps"]):
+        before = dict(bal.comm.traffic)
+        skipped, losses_seen, grams = [], [], []
+        for micro in range(n_micro):
+            x, y = global_batch(step, micro)
+            if distributed:
+                x, y = x[rank * B_LOCAL : (rank + 1) * B_LOCAL], y[rank * B_LOCAL : (rank + 1) * B_LOCAL]
+            ctx: Any = model.no_sync() if distributed and micro < n_micro - 1 else nullcontext()
+            with ctx:
+                h, pred = model(x)
+                losses = losses_of(pred, y)
+                if inject and cfg.get("nan_loss") == (step, micro):
+                    losses["b"] = losses["b"] * NAN
+                w = bal.weights(losses, shared=h if options["gram"] == "shared" else None)
+                report = bal.report
+                if not report.skipped:
+                    bal.weighted_loss(losses, w).backward()
+            skipped.append(report.skipped)
+            losses_seen.append(dict(report.losses))
+            grams.append(report.gram)
+        if any(skipped):
+            bal.discard()
+        else:
+            sgd.step()
+            bal.step()
+        sgd.zero_grad()
+        out["skipped"].append(skipped)
+        out["losses"].append(losses_seen)
+        out["grams"].append(grams)
+        out["traffic"].append({k: v - before.get(k, 0) for k, v in bal.comm.traffic.items() if v != before.get(k, 0)})
+        out["params"].append(flat_params(net))
+    alpha = bal.state.alpha
+    out["num_steps"] = bal.num_steps
+    out["weights"] = {} if alpha is None else dict(zip(bal.names, alpha.tolist()))
     out["numel"] = sum(p.numel() for p in net.parameters())
     return out
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from marble_opt import WEIGHTINGS, MarbleOptimizer
+from marble_opt import WEIGHTINGS, Balancer, BalanceReport, MarbleOptimizer
 
 #: Every Gram source, normalisation, refresh interval and non-finite policy the suite runs over.
 SOURCES = ("exact", "exact-lean", "shared", "params")
@@ -85,7 +85,15 @@ def gram_inputs(net: TrunkHeads, gram: str, z: Tensor) -> list[Tensor]:
     return list(net.parameters())
 
 
-def optimizer(
+def base_optimizer(net: nn.Module, base: str = "adamw") -> torch.optim.Optimizer:
+    """The wrapped (or, with a ``Balancer``, the caller's own) optimizer: ``"adamw"``, ``"sgd"``,
+    or ``"adamw-fused"``, ``"sgd-fused"`` (what ``skip_on_device`` needs)."""
+    if base.startswith("sgd"):
+        return torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, fused=base == "sgd-fused" or None)
+    return torch.optim.AdamW(net.parameters(), lr=1e-2, fused=base == "adamw-fused" or None)
+
+
+def balancing_options(
     net: TrunkHeads,
     gram: str,
     *,
@@ -93,29 +101,57 @@ def optimizer(
     refresh_every: int = 1,
     nonfinite: str = "skip",
     ema_decay: float = 0.0,
-    base: str = "adamw",
     weighting: str = "marble",
     estimator: str = "batch",
-    skip_on_device: bool = False,
-) -> MarbleOptimizer:
-    """``normalize`` and ``ema_decay`` are MARBLE's options: used only with ``weighting="marble"``.
-    ``base``: ``"adamw"``, ``"sgd"``, or ``"adamw-fused"``, ``"sgd-fused"`` (what ``skip_on_device`` needs)."""
-    if base.startswith("sgd"):
-        inner = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, fused=base == "sgd-fused" or None)
-    else:
-        inner = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=base == "adamw-fused" or None)
+) -> dict[str, Any]:
+    """The keywords ``MarbleOptimizer`` and ``Balancer`` share. ``normalize`` and ``ema_decay``
+    are MARBLE's options: used only with ``weighting="marble"``."""
     marble = {"normalize": normalize, "ema_decay": ema_decay} if weighting == "marble" else {}
-    return MarbleOptimizer(
-        inner,
-        weighting=weighting_arg(weighting),
-        gram=gram,
-        gram_params=list(net.trunk.parameters()) if gram == "params" else None,
-        gram_estimator=estimator,
-        refresh_every=refresh_every,
-        nonfinite=nonfinite,
-        skip_on_device=skip_on_device,
+    return {
+        "weighting": weighting_arg(weighting),
+        "gram": gram,
+        "gram_params": list(net.trunk.parameters()) if gram == "params" else None,
+        "gram_estimator": estimator,
+        "refresh_every": refresh_every,
+        "nonfinite": nonfinite,
         **marble,
+    }
+
+
+def optimizer(
+    net: TrunkHeads, gram: str, *, base: str = "adamw", skip_on_device: bool = False, **options: Any
+) -> MarbleOptimizer:
+    """``MarbleOptimizer(base_optimizer(net, base), **balancing_options(net, gram, **options))``."""
+    return MarbleOptimizer(
+        base_optimizer(net, base), skip_on_device=skip_on_device, **balancing_options(net, gram, **options)
     )
+
+
+def balancer(net: TrunkHeads, gram: str, **options: Any) -> Balancer:
+    """``Balancer(net.parameters(), **balancing_options(net, gram, **options))``."""
+    return Balancer(net.parameters(), **balancing_options(net, gram, **options))
+
+
+#: The two ways to balance: ``MarbleOptimizer.backward`` or a ``Balancer`` loop (``balanced_backward``).
+PATHS = ("optimizer", "balancer")
+
+
+def balanced_backward(
+    path: str, net: TrunkHeads, gram: str, losses: dict[str, Tensor], z: Tensor, *, base: str = "adamw", **options: Any
+) -> BalanceReport:
+    """One balanced backward of a fresh optimizer (``path="optimizer"``: ``opt.backward``; ``base``
+    is its wrapped optimizer) or ``Balancer`` (``"balancer"``: ``w = bal.weights(...)``, then the
+    backward of ``bal.weighted_loss(losses, w)``); returns the report. Either leaves the update
+    in ``p.grad``."""
+    if path == "optimizer":
+        return optimizer(net, gram, base=base, **options).backward(losses, **shared_kw(gram, z))
+    bal = balancer(net, gram, **options)
+    w = bal.weights(losses, **shared_kw(gram, z))
+    report = bal.report
+    assert report is not None and w == report.loss_weights, f"weights() {w} != report.loss_weights"
+    if not report.skipped:
+        bal.weighted_loss(losses, w).backward()
+    return report
 
 
 def shared_kw(gram: str, z: Tensor) -> dict[str, Tensor]:

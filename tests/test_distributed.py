@@ -1,4 +1,5 @@
-"""MarbleOptimizer under torch.distributed (gloo, 2 CPU processes), DDP and accelerate.
+"""MarbleOptimizer, and a Balancer loop (``balancer-*`` scenarios), under torch.distributed
+(gloo, 2 CPU processes), DDP and accelerate.
 
 One module-scoped run starts ``tests/_dist_worker.py`` as ranks 0 and 1 on 127.0.0.1; each rank
 trains every scenario of ``SCENARIOS`` (plain SGD, EMA ρ=0.7) on its half of each global batch.

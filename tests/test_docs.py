@@ -72,6 +72,16 @@ def test_mkdocs_build_strict_offline(tmp_path: Path) -> None:
     for member in ("backward", "step", "weights", "ema_decay", "state_dict", "reset_weights"):
         assert f'id="marble_opt.MarbleOptimizer.{member}"' in (site / "api/optimizer/index.html").read_text()
     assert "nonfinite" in optimizer and "refresh_every" in optimizer
+    balancer_api = (site / "api/balancer/index.html").read_text(encoding="utf-8")
+    for member in ("weights", "weighted_loss", "step", "discard", "state_dict", "load_state_dict", "reset"):
+        assert f'id="marble_opt.Balancer.{member}"' in balancer_api, member
+    assert "gram_estimator" in text("api/balancer") and "BalanceReport" in text("api/balancer")
+    assert 'id="marble_opt.Balancer._setup"' not in balancer_api  # private members filtered out
+    # the example's loop, included from examples/balancer_accelerate.py (highlighted: tags dropped)
+    guide = re.sub(r"<[^>]+>", "", (site / "balancer/index.html").read_text(encoding="utf-8"))
+    assert "accelerator.backward(bal.weighted_loss(losses, w))" in guide
+    assert "for x, y_reg, y_cls in loader:" in guide
+    assert "--8&lt;--" not in guide and "[start:loop]" not in guide
     assert "update_cosine" in text("api/report") and "worst_update_cosine" in text("api/report")
     assert "warm_start" in text("api/qp") and "MinNormSolver" in text("api/qp")
     for source in ("ExactSource", "ExactLeanSource", "SharedSource", "ParamsSource", "GramSource"):

@@ -16,24 +16,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _models import TrunkHeads
 from torch import nn
 
 from marble_opt import BalanceReport, MarbleOptimizer, min_norm_weights
 
 # ---- a small multi-task model and three objectives on different scales -----------------
-
-
-class TrunkHeads(nn.Module):
-    """Shared trunk, one linear head per objective."""
-
-    def __init__(self, d_in: int = 5, width: int = 8, heads: int = 3) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(d_in, width), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(heads))
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = self.trunk(x)
-        return [head(h).squeeze(-1) for head in self.heads]
 
 
 _GEN = torch.Generator().manual_seed(1234)
@@ -42,13 +30,19 @@ T = torch.randn(48, 3, generator=_GEN)
 
 
 def make_model(seed: int = 0) -> TrunkHeads:
+    """A shared trunk and three linear heads; ``model(x)`` returns ``(features, heads)``."""
     torch.manual_seed(seed)
-    return TrunkHeads()
+    return TrunkHeads(d_in=5, width=8)
+
+
+def first_head(model: TrunkHeads, x: torch.Tensor = X) -> torch.Tensor:
+    """The first head's outputs (B,)."""
+    return model(x)[1][0]
 
 
 def objectives(model: nn.Module, x: torch.Tensor = X) -> dict[str, torch.Tensor]:
     """Three positive losses on scales 1e2, 1 and 1e-2."""
-    ya, yb, yc = model(x)
+    _, (ya, yb, yc) = model(x)
     return {
         "big": 100.0 * ((ya - T[: len(x), 0]) ** 2).mean(),
         "mid": (yb - T[: len(x), 1]).abs().mean(),
@@ -390,7 +384,7 @@ def test_single_valid_objective_is_its_own_gradient() -> None:
         objectives(plain)["big"].backward()
         adam.step()
         opt.zero_grad()
-        ya = wrapped(X)[0]
+        ya = first_head(wrapped)
         report = opt.step({"big": objectives(wrapped)["big"], "flat": 0.0 * ya.sum() + 1.0})
         assert report.excluded == ("flat",)
     assert_same_params(plain, wrapped)
@@ -442,7 +436,7 @@ def test_all_zero_gradients_skip_the_step() -> None:
     model = make_model(8)
     opt = MarbleOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1))
     before, state = snapshot(model, opt)
-    y = model(X)[0]
+    y = first_head(model)
     report = opt.step({"a": 0.0 * y.sum(), "b": 0.0 * y.mean() + 1.0})
     assert report.skipped and set(report.excluded) == {"a", "b"}
     assert "no objective" in report.reason
@@ -759,7 +753,7 @@ def test_empty_dict(setup) -> None:
 
 def test_non_scalar_loss(setup) -> None:
     model, opt = setup
-    ya = model(X)[0]
+    ya = first_head(model)
     with pytest.raises(ValueError, match=r"loss 'vec' must be a scalar, got a tensor of shape \(48,\)"):
         opt.step({"ok": ya.mean(), "vec": ya})
 
@@ -767,16 +761,16 @@ def test_non_scalar_loss(setup) -> None:
 def test_loss_without_a_path_to_a_trainable_parameter(setup) -> None:
     model, opt = setup
     with torch.no_grad():
-        detached = model(X)[0].mean()
+        detached = first_head(model).mean()
     with pytest.raises(ValueError, match=r"loss 'nograd' = .* does not require grad"):
-        opt.step({"ok": model(X)[0].mean(), "nograd": detached})
+        opt.step({"ok": first_head(model).mean(), "nograd": detached})
     other = nn.Linear(5, 1)  # requires grad, but not through the wrapped optimizer's params
     with pytest.raises(ValueError, match=r"loss 'elsewhere' has no path to any trainable parameter"):
-        opt.step({"ok": model(X)[0].mean(), "elsewhere": other(X).mean()})
+        opt.step({"ok": first_head(model).mean(), "elsewhere": other(X).mean()})
     frozen = make_model(21)
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match=r"loss 'frozen' = .* does not require grad"):
-        opt.step({"ok": model(X)[0].mean(), "frozen": frozen(X)[0].mean()})
+        opt.step({"ok": first_head(model).mean(), "frozen": first_head(frozen).mean()})
 
 
 def _poisoned(model: nn.Module, kind: str) -> dict[str, torch.Tensor]:
@@ -786,7 +780,7 @@ def _poisoned(model: nn.Module, kind: str) -> dict[str, torch.Tensor]:
     elif kind == "inf-loss":
         losses["mid"] = losses["mid"] + float("inf")
     else:  # finite loss, NaN gradient: d/du sqrt(u) at u = 0 is inf, times du/dθ = 0
-        ya = model(X)[0]
+        ya = first_head(model)
         losses["mid"] = losses["mid"] + torch.sqrt(((ya - ya.detach()) ** 2).sum())
         assert torch.isfinite(losses["mid"])
     return losses

@@ -1,6 +1,9 @@
 """The optimizer's contract, run over every Gram source × normalisation × refresh interval ×
 non-finite policy where the combination is meaningful. Assertions live in tests/_asserts.py,
-models in tests/_models.py."""
+models in tests/_models.py. The first-step properties (the update is the weighted sum of the
+per-objective gradients, no conflict, weights finite and on the simplex) run over both paths
+(``PATHS``): ``MarbleOptimizer.backward`` and a ``Balancer`` whose weighted loss the caller
+backwards; tests/test_balancer.py checks that the two train alike step for step."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from _asserts import (
     assert_matches_reference,
     assert_no_conflict,
     assert_non_conflicting,
+    assert_on_simplex,
     assert_report_tells_the_truth,
     assert_same_direction,
     assert_same_tree,
@@ -30,11 +34,13 @@ from _models import (
     NAMES,
     NON_CONFLICTING,
     NORMALIZATIONS,
+    PATHS,
     POLICIES,
     REFRESH,
     SOURCE_ESTIMATORS,
     SOURCES,
     WEIGHTING_CASES,
+    balanced_backward,
     batch,
     gram_inputs,
     model,
@@ -56,21 +62,22 @@ _SETTINGS = settings(
 )
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("normalize", NORMALIZATIONS)
 @pytest.mark.parametrize("gram", SOURCES)
 @_SETTINGS
 @given(seed=st.integers(0, 10_000))
 def test_first_step_equals_the_hand_computed_reference_and_conflicts_with_no_objective(
-    gram: str, normalize: str, seed: int
+    gram: str, normalize: str, path: str, seed: int
 ) -> None:
     net = model(seed)
-    opt = optimizer(net, gram, normalize=normalize)
     losses, z = objectives(net, batch(seed))
     rows_g = jacobian_rows(losses, gram_inputs(net, gram, z))
     params = list(net.parameters())
     rows_full = jacobian_rows(losses, params)
-    report = opt.backward(losses, **shared_kw(gram, z))
+    report = balanced_backward(path, net, gram, losses, z, normalize=normalize)
     assert not report.skipped and report.solved
+    assert_on_simplex(report)
     assert_matches_reference(report, params, rows_g, rows_full, normalize)
     assert_non_conflicting(report, rows_g, normalize)
     assert_grad_is_weighted_sum(params, rows_full, vec(report.loss_weights, report.names))
@@ -333,13 +340,14 @@ _IDS = [f"{case}-{gram}-{est}" for case, gram, est in _GRID]
 _SCALE_FREE = tuple(WEIGHTINGS)
 
 
-def _run(case: str, gram: str, est: str, seed: int, *, order=NAMES, scale=None, nonfinite="skip", nan=()):
+def _run(
+    case: str, gram: str, est: str, seed: int, *, order=NAMES, scale=None, nonfinite="skip", nan=(), path="optimizer"
+):
     """One backward of a fresh model (MARBLE at ρ=0) on the losses in ``order``, each times
-    ``scale[name]``, those in ``nan`` NaN. Returns the model, the report and, measured by hand
-    before it over the finite objectives, the Gram the weighting should see and the
-    Jacobian of the batch-mean losses over every parameter."""
+    ``scale[name]``, those in ``nan`` NaN, through ``path`` (``PATHS``). Returns the model, the
+    report and, measured by hand before it over the finite objectives, the Gram the weighting
+    should see and the Jacobian of the batch-mean losses over every parameter."""
     net = model(seed)
-    opt = optimizer(net, gram, weighting=case, estimator=est, nonfinite=nonfinite, base="sgd")
     losses, z = objectives(net, batch(seed), per_sample=est == "cross")
     losses = {n: losses[n] * (1.0 if scale is None else scale[n]) for n in order}
     finite = {n: v for n, v in losses.items() if n not in nan}
@@ -347,19 +355,31 @@ def _run(case: str, gram: str, est: str, seed: int, *, order=NAMES, scale=None, 
     rows = jacobian_rows({n: v.mean() for n, v in finite.items()}, list(net.parameters()))
     for n in nan:
         losses[n] = losses[n] * float("nan")
-    return net, opt.backward(losses, **shared_kw(gram, z)), seen, rows
+    report = balanced_backward(
+        path, net, gram, losses, z, weighting=case, estimator=est, nonfinite=nonfinite, base="sgd"
+    )
+    return net, report, seen, rows
 
 
 @pytest.mark.parametrize(("case", "gram", "est"), _GRID, ids=_IDS)
 @_SETTINGS
 @given(seed=st.integers(0, 10_000))
 def test_every_weighting_applies_its_weights_to_the_measured_gram(case: str, gram: str, est: str, seed: int) -> None:
-    """Finite α*, α, w per objective; w is the weighting of the Gram the source and estimator
-    measured (by hand); p.grad = Σ w_k ∇mean(L_k); no conflict for the methods that promise
-    it; permuting the objectives permutes the weights; scaling every loss leaves w alone."""
-    net, report, seen, rows = _run(case, gram, est, seed)
+    """Finite α*, α, w per objective (on the simplex for MARBLE and MGDA); w is the weighting
+    of the Gram the source and estimator measured (by hand); p.grad = Σ w_k ∇mean(L_k) (the
+    optimizer's update, or the gradient of the Balancer's weighted loss); no conflict for the
+    methods that promise it; permuting the objectives permutes the weights; scaling every
+    loss leaves w alone. Both paths run on the same drawn example."""
+    for path in PATHS:
+        _check_weighting(case, gram, est, seed, path)
+
+
+def _check_weighting(case: str, gram: str, est: str, seed: int, path: str) -> None:
+    net, report, seen, rows = _run(case, gram, est, seed, path=path)
     assert not report.skipped and report.solved
     assert_finite_weights(report, NAMES)
+    if case in ("marble", "mgda"):
+        assert_on_simplex(report)
     w = vec(report.loss_weights, NAMES)
     want = loss_weights(seen, weighting_arg(case), **({"ema_decay": 0.0} if case == "marble" else {}))
 
@@ -367,20 +387,20 @@ def test_every_weighting_applies_its_weights_to_the_measured_gram(case: str, gra
         # The cross estimate projected onto the PSD cone is often singular at this batch size:
         # then min-norm weights are unique only up to its null space; compare the updates.
         if est == "batch":
-            assert_close_vec(vec(actual, NAMES), expected, 1e-4, f"{case}: {what}")
+            assert_close_vec(vec(actual, NAMES), expected, 1e-4, f"{path}, {case}: {what}")
         else:
-            assert_same_update(seen, vec(actual, NAMES), expected, 1e-4, f"{case}: {what}")
+            assert_same_update(seen, vec(actual, NAMES), expected, 1e-4, f"{path}, {case}: {what}")
 
     same(report.loss_weights, want, "w against the weighting of the measured Gram")
     assert_grad_is_weighted_sum(list(net.parameters()), rows, w, rel=1e-4)
     if case in NON_CONFLICTING:
         assert_no_conflict(seen, w)
-    _, permuted, _, _ = _run(case, gram, est, seed, order=NAMES[::-1])
+    _, permuted, _, _ = _run(case, gram, est, seed, order=NAMES[::-1], path=path)
     assert permuted.names == NAMES[::-1]
     same(permuted.loss_weights, w, "weights of permuted objectives")
     if case in _SCALE_FREE:
         for c in (1e-3, 1e3):
-            _, scaled, _, _ = _run(case, gram, est, seed, scale=dict.fromkeys(NAMES, c))
+            _, scaled, _, _ = _run(case, gram, est, seed, scale=dict.fromkeys(NAMES, c), path=path)
             same(scaled.loss_weights, w, f"w with every loss × {c}")
 
 

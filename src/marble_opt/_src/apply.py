@@ -63,7 +63,7 @@ class Update:
         extra: an unbalanced scalar loss, added after balancing, or None.
         rows: the exact source's per-objective gradients (M×N, averaged over ranks): the
             update is combined from them instead of a backward.
-        used: with ``rows``: per parameter, whether any loss reached it.
+        used: with ``rows``: per parameter, whether a loss with a non-zero coefficient reached it.
         norms: with ``rows``: ``‖rows_m‖`` (M,) from G, which proves the update finite.
         nan: fill every ``p.grad`` with NaN instead (``nonfinite="propagate"``).
         origins: ``(leaf, origin)`` pairs of the detached shared form (``detach_shared``): the

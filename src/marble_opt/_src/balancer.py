@@ -84,12 +84,33 @@ def _param_groups(params: Any) -> list[dict[str, Any]]:
 class Balancer:
     r"""Per-loss weights that balance K objectives, for a caller that does its own backward.
 
+    ``w = weights(losses)`` measures the objectives' Gram matrix and weighs them; the caller
+    backwards ``weighted_loss(losses, w)`` (``Σ_k w_k L_k``), steps its optimizer, then calls
+    ``step()``. The gradient of ``Σ_k w_k L_k`` is the update ``MarbleOptimizer`` would write
+    for the same losses and state (the guide "Balancer" has the loop, its cost and recipes).
+
     Args:
         params: the trained parameters (tensors, or parameter groups as dicts with
             ``"params"``), as given to the optimizer.
-        weighting, weighting_options, ema_decay, normalize, rescale, solver, gram,
-            gram_params, gram_estimator, estimator_options, refresh_every, nonfinite,
-            process_group: as for ``MarbleOptimizer`` (its docstring has each).
+        weighting: as for ``MarbleOptimizer``: a name of ``marble_opt.WEIGHTINGS``, a
+            ``Weighting`` or a callable ``fn(G) -> weights``.
+        weighting_options: as for ``MarbleOptimizer``.
+        ema_decay: MARBLE's ρ (as for ``MarbleOptimizer``).
+        normalize: MARBLE's normalisation (as for ``MarbleOptimizer``).
+        rescale: MARBLE's rescaling (as for ``MarbleOptimizer``).
+        solver: the QP solver (as for ``MarbleOptimizer``).
+        gram: the Gram source, ``"exact"``, ``"exact-lean"``, ``"shared"`` or ``"params"``.
+        gram_params: the parameters ``gram="params"`` measures G on.
+        gram_estimator: ``"batch"`` or ``"cross"`` (per-sample losses).
+        estimator_options: for ``"cross"``: ``{"floor": ..., "ema": ...}``.
+        refresh_every: solve on every N-th step (``step()`` calls); in between, ``weights``
+            returns the cached weights after one read of the loss values.
+        nonfinite: ``"skip"``, ``"raise"``, ``"exclude"`` or ``"propagate"`` (as ``"skip"``).
+        process_group: the ranks to agree with under ``torch.distributed`` (as for
+            ``MarbleOptimizer``).
+
+    Attributes:
+        report: the last ``weights`` call's ``BalanceReport`` (None before the first).
 
     With ``nonfinite="propagate"`` a ``Balancer`` behaves as with ``"skip"`` (it writes no
     gradient; the caller skips its step). Under ``"exclude"`` an excluded objective gets
@@ -139,6 +160,7 @@ class Balancer:
         """A Balancer over parameter groups read at each call (``MarbleOptimizer``'s)."""
         self = cls.__new__(cls)
         self._setup(param_groups, **options)
+        self._owner = ("state_dict['marble']", "optimizer")  # error messages name its keys
         return self
 
     def _setup(
@@ -290,6 +312,9 @@ class Balancer:
     def weighted_loss(self, losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
         """``Σ_k w_k L_k`` over the objectives with a non-zero weight (per-sample losses are
         averaged first), so that an excluded, non-finite loss cannot poison it through 0·NaN."""
+        unknown = [name for name in weights if name not in losses]
+        if unknown:
+            raise ValueError(f"weights has {unknown}, which losses has not (losses: {list(losses)})")
         total = None
         for name, w in weights.items():
             if w != 0.0:
@@ -548,15 +573,16 @@ class Balancer:
 
     def check_state(self, state: Any) -> tuple[tuple[str, ...] | None, WeightingState, int, np.ndarray | None]:
         """The state a ``load_state_dict`` would take, or ``ValueError`` naming what is wrong."""
+        where, owner = getattr(self, "_owner", ("state_dict", "balancer"))
         if not isinstance(state, Mapping):
-            raise TypeError(f"the balancing state must be a dict (state_dict()['marble']), got {type(state).__name__}")
-        where = "state_dict['marble']"
+            raise TypeError(f"the balancing state must be a dict ({where}), got {type(state).__name__}")
         saved = state.get("weighting")
         if saved is not None and saved != self.weighting.name:
             raise ValueError(
-                f"{where}['weighting'] = {saved!r}, but this optimizer uses weighting={self.weighting.name!r}: its "
-                "cached weights would be another method's; build the optimizer with the weighting the state was "
-                "saved with, or drop the 'marble' entry to start the balancing afresh"
+                f"{where}['weighting'] = {saved!r}, but this {owner} uses weighting={self.weighting.name!r}: its "
+                f"cached weights would be another method's; build the {owner} with the weighting the state was "
+                "saved with"
+                + (", or drop the 'marble' entry to start the balancing afresh" if owner == "optimizer" else "")
             )
         names = state.get("names")
         if names is not None:
@@ -598,7 +624,7 @@ class Balancer:
         if gram_ema is not None:
             if self.estimator.name != "cross":
                 raise ValueError(
-                    f"{where}['gram_ema'] holds a cross estimate, but this optimizer uses "
+                    f"{where}['gram_ema'] holds a cross estimate, but this {owner} uses "
                     f"gram_estimator={self.estimator.name!r}"
                 )
             gram_ema = torch.as_tensor(gram_ema, dtype=torch.float64).numpy().copy()
@@ -609,7 +635,7 @@ class Balancer:
         external = state.get("weighting_state")
         if external is not None and not getattr(self.weighting, "stateful", False):
             raise ValueError(
-                f"{where}['weighting_state'] holds a stateful weighting's own state, but this optimizer's "
+                f"{where}['weighting_state'] holds a stateful weighting's own state, but this {owner}'s "
                 f"weighting {self.weighting!r} keeps none"
             )
         ws = WeightingState(alpha=alpha, warm=warm, loss_weights=loss_weights, external=external)

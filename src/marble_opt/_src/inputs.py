@@ -97,7 +97,7 @@ def trainable_params(param_groups: Iterable[Mapping[str, Any]]) -> list[Tensor]:
                 seen.add(id(p))
                 params.append(p)
     if not params:
-        raise ValueError("the wrapped optimizer has no parameter that requires grad")
+        raise ValueError("no parameter that requires grad (in the wrapped optimizer, or given to the Balancer)")
     if unusual:
         fsdp2_mesh(params)  # raises for every layout but FSDP2 on one 1-D mesh
     return params
@@ -177,7 +177,7 @@ def check_known(keys: Sequence[str], known: tuple[str, ...] | None) -> None:
         raise ValueError(
             f"the objectives changed since the first step: missing {missing}, new {new} "
             f"(expected {list(known)}); pass a NaN loss to leave one out for a step with "
-            "nonfinite='exclude', or call reset_weights() to start over with new objectives"
+            "nonfinite='exclude', or call reset_weights() (a Balancer: reset()) to start over with new objectives"
         )
 
 

@@ -322,12 +322,13 @@ class MarbleOptimizer(WrappedOptimizer):
         result = bal.weigh(inputs, measured, selection)
         source = bal.source
         exact = isinstance(source, ExactSource)
+        coefficients = measured.expand(result.w)
         update = Update(
-            measured.expand(result.w),
+            coefficients,
             measured.losses,
             inputs.extra,
             rows=source.rows if exact else None,
-            used=source.used if exact else None,
+            used=source.used_by(coefficients) if exact else None,
             norms=source.norms if exact else None,
             origins=detached_origins(inputs.shared),
         )

@@ -363,8 +363,9 @@ class ExactSource(GramSource):
     The buffer is reused from step to step (it coexists with the retained graph during the
     K backward passes anyway, so keeping it does not raise the peak). After ``measure`` it is
     ``rows`` (averaged over ranks), from which ``apply.write_gradient`` combines the update
-    ``wᵀ·rows`` with no further backward; ``used`` says which parameters any loss reached
-    and ``norms`` (``‖g_k‖`` from G) proves the update finite without reading it.
+    ``wᵀ·rows`` with no further backward; ``used_by(w)`` says which parameters a loss with a
+    non-zero weight reached (as a backward of ``Σ_{w_k ≠ 0} w_k L_k`` would) and ``norms``
+    (``‖g_k‖`` from G) proves the update finite without reading it.
     (Keeping the K per-parameter gradient sets instead of copying them into the buffer was
     slower on CPU: fresh multi-MB allocations every step are paid in page faults.)
     """
@@ -374,7 +375,8 @@ class ExactSource(GramSource):
     def __init__(self) -> None:
         self._buffer: Tensor | None = None  # this step's gradients (None outside a step)
         self._storage: Tensor | None = None  # kept between steps
-        self.used: list[bool] = []  # which parameters this step's losses reach
+        self.reached: list[list[bool]] = []  # per loss: which parameters it reaches
+        self._everywhere = False  # under torch.distributed: every parameter counts as reached
         self.norms: np.ndarray | None = None  # ‖g_k‖ (K,) from this step's G
 
     @property
@@ -389,22 +391,36 @@ class ExactSource(GramSource):
             device = params[0].to_local().device
             buf = self._storage = _reuse(self._storage, shape, _grad_dtype(params), device)
             per_objective_local_rows(losses, params, buf, retain_graph=keep_graph)
-            self.used = [True] * len(params)
+            self.reached, self._everywhere = [[True] * len(params)], True  # FSDP writes every shard
             return buf
         numels = _numels(params)
         shape = (len(losses), sum(numels))
         buf = self._storage = _reuse(self._storage, shape, _grad_dtype(params), params[0].device)
         last = len(losses) - 1
-        used = [False] * len(params)  # a parameter no loss reaches keeps p.grad as it is (None)
+        reached = []  # a parameter no weighted loss reaches keeps p.grad as it is (None)
         for k, loss in enumerate(losses):
             grads = _grads_of(loss, params, retain_graph=keep_graph or k < last)
             _require_path(grads, names[k], "any trainable parameter")
             _flatten_into(buf[k], grads, numels)
-            used = [u or g is not None for u, g in zip(used, grads)]
+            reached.append([g is not None for g in grads])
             del grads
+        self.reached = reached
         # Under torch.distributed ranks may differ in which parameters they reach.
-        self.used = [True] * len(params) if comm.active else used
+        self._everywhere = comm.active
         return buf
+
+    def used_by(self, coefficients: np.ndarray) -> list[bool]:
+        """Per parameter: whether a loss with a non-zero coefficient reached it, so that the
+        rows' update leaves ``p.grad`` as the backward of ``Σ_{c_m ≠ 0} c_m L_m`` (the other
+        sources' update, and ``Balancer.weighted_loss``'s) would: a parameter only a
+        zero-weighted loss reaches keeps ``None`` (AdamW then applies no decay or momentum)."""
+        n = len(self.reached[0]) if self.reached else 0
+        if self._everywhere:
+            return [True] * n
+        used = [False] * n
+        for k in np.flatnonzero(coefficients):
+            used = [u or r for u, r in zip(used, self.reached[k])]
+        return used
 
     def _reduce(self, rows, params, comm, carry):
         if sharded(params):  # FSDP averaged each row; the partial Gram matrices add up
@@ -512,8 +528,8 @@ class SharedSource(GramSource):
     def check_shared(self, shared):
         if shared is None:
             raise ValueError(
-                "gram='shared' needs the shared tensor: call backward(losses, shared=z) with the "
-                "tensor (or list of tensors) every loss is computed from"
+                "gram='shared' needs the shared tensor: call backward(losses, shared=z) (a Balancer: "
+                "weights(losses, shared=z)) with the tensor (or list of tensors) every loss is computed from"
             )
         for i, z in enumerate(shared):
             if not isinstance(z, Tensor):
