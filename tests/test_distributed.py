@@ -10,12 +10,7 @@ value on one rank makes both ranks skip the same step.
 
 from __future__ import annotations
 
-import os
 import pickle
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from _dist_worker import B_LOCAL, NAME_CASES, PG_TIMEOUT_S, SCENARIOS, WORLD, train
+from _launch import run_workers
 
 from marble_opt import MarbleOptimizer
 from marble_opt._src.distributed import Collective
@@ -39,48 +35,8 @@ REFERENCED = [n for n in SYNCED if SCENARIOS[n].get("reference", True)]
 NONFINITE = [n for n, c in SCENARIOS.items() if "nan_loss" in c or "nan_grad" in c]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(outdir: Path, *mode: str) -> tuple[list[int], str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), str(WORLD), str(port), str(outdir), *mode],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    deadline = time.monotonic() + TIMEOUT_S
-    logs = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            out, _ = proc.communicate()
-            out += f"\n[timed out after {TIMEOUT_S} s]"
-        logs.append(out)
-    return [p.returncode for p in procs], "\n".join(f"--- rank {r} ---\n{log}" for r, log in enumerate(logs))
-
-
 def _run_workers(tmp_path_factory: pytest.TempPathFactory, *mode: str) -> list[dict[str, Any]]:
-    for attempt in range(2):  # a second try only if the probed port was taken meanwhile
-        outdir = tmp_path_factory.mktemp("dist")
-        codes, log = _launch(outdir, *mode)
-        if codes == [0] * WORLD:
-            return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-        if "Address already in use" not in log or attempt:
-            pytest.fail(f"distributed workers failed (exit codes {codes}):\n{log[-8000:]}")
-    raise AssertionError("unreachable")
+    return run_workers(tmp_path_factory, WORKER.name, *mode, world=WORLD, timeout_s=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

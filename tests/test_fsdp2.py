@@ -11,14 +11,9 @@ unsupported layout is refused with its reason.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
+import _launch
 import numpy as np
 import pytest
 import torch
@@ -29,50 +24,9 @@ from marble_opt._src import fsdp as F
 TIMEOUT_S = 150
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(worker: Path, outdir: Path) -> tuple[list[int], str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(F.__file__).parents[2]), env.get("PYTHONPATH", "")])
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(rank), str(WORLD), str(port), str(outdir)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    deadline = time.monotonic() + TIMEOUT_S
-    logs = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            out, _ = proc.communicate()
-            out += f"\n[timed out after {TIMEOUT_S} s]"
-        logs.append(out)
-    return [p.returncode for p in procs], "\n".join(f"--- rank {r} ---\n{log}" for r, log in enumerate(logs))
-
-
 def run_workers(tmp_path_factory: pytest.TempPathFactory, worker: str) -> list[dict[str, Any]]:
-    """Start ``tests/<worker> RANK WORLD PORT OUTDIR`` as ranks 0 and 1; their saved results."""
-    for attempt in range(2):  # a second try only if the probed port was taken meanwhile
-        outdir = tmp_path_factory.mktemp("fsdp2")
-        codes, log = _launch(Path(__file__).with_name(worker), outdir)
-        if codes == [0] * WORLD:
-            return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-        if "Address already in use" not in log or attempt:
-            pytest.fail(f"FSDP2 workers failed (exit codes {codes}):\n{log[-8000:]}")
-    raise AssertionError("unreachable")
+    """``tests/<worker>`` as ranks 0 and 1; their saved results."""
+    return _launch.run_workers(tmp_path_factory, worker, world=WORLD, timeout_s=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
