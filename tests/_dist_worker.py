@@ -13,12 +13,8 @@ rank 1 only; in the reference the whole batch is affected, so one process skips 
 
 from __future__ import annotations
 
-import os
-import sys
 import time
-import traceback
 from contextlib import nullcontext
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -388,35 +384,20 @@ def name_checks(rank: int) -> dict[str, list[tuple[str, str, float]]]:
     return out
 
 
-def main(rank: int, world: int, port: int, outdir: str, mode: str = "scenarios") -> None:
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-    )  # fmt: skip
-    import torch.distributed as dist
+def run(rank: int, world: int, mode: str) -> dict[str, Any]:
+    """``mode`` "names": the name checks; else every scenario, with accelerate joining the group."""
+    if mode == "names":
+        return name_checks(rank)
     from accelerate import Accelerator
 
-    # A short timeout: a collective that hangs fails the run in seconds, not 30 minutes.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=PG_TIMEOUT_S))
-    if mode == "names":
-        torch.save(name_checks(rank), os.path.join(outdir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-        return
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)  # joins the existing group
     assert accelerator.num_processes == world and accelerator.process_index == rank
     results: dict[str, Any] = {name: train(name, rank, world, accelerator) for name in SCENARIOS}
     results["device_skip"] = device_skip_refusal()
-    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":
-    try:
-        main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], *sys.argv[5:6])
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)  # do not wait for the other rank's collectives
+    from _launch import worker_main
+
+    worker_main(run, PG_TIMEOUT_S)

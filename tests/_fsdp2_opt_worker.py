@@ -17,10 +17,6 @@ swapped for the shards, as accelerate's ``prepare`` does).
 
 from __future__ import annotations
 
-import os
-import sys
-import traceback
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -227,26 +223,13 @@ def refusals(rank: int, world: int) -> dict[str, str]:
     return out
 
 
-def main(rank: int, world: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-    )  # fmt: skip
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=PG_TIMEOUT_S))
+def run(rank: int, world: int, mode: str) -> dict[str, Any]:
     results: dict[str, Any] = {name: train(name, rank, world) for name in SCENARIOS}
     results["refusals"] = refusals(rank, world)
-    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":
-    try:
-        main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
+    from _launch import worker_main
+
+    worker_main(run, PG_TIMEOUT_S)

@@ -12,6 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +72,29 @@ def run_workers(
         if "Address already in use" not in log or attempt:
             pytest.fail(f"{worker} failed (exit codes {codes}):\n{log[-8000:]}")
     raise AssertionError("unreachable")
+
+
+def worker_main(run: Callable[[int, int, str], dict[str, Any]], pg_timeout_s: float = 30) -> None:
+    """The body of a worker script (``python WORKER RANK WORLD PORT OUTDIR [MODE]``): join the
+    gloo group (a short timeout: a collective that hangs fails the run in seconds), save
+    ``run(rank, world, mode)`` to ``OUTDIR/rank{RANK}.pt``, and on any exception print it and
+    exit 1 at once (without waiting for the other rank's collectives)."""
+    try:
+        rank, world, port, outdir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+        mode = sys.argv[5] if len(sys.argv) > 5 else ""
+        torch.set_num_threads(1)
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+        )  # fmt: skip
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout_s))
+        results = run(rank, world, mode)
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
