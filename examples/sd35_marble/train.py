@@ -557,7 +557,7 @@ def validate(cfg: Config) -> None:
     if cfg.preset == "digits":
         if cfg.pretrain_seed < 0:
             raise ConfigError(f"--pretrain-seed must be >= 0, got {cfg.pretrain_seed!r}")
-        _validate_digits_rewards(cfg)
+        adapter_class(cfg.preset).check_rewards(cfg)
         return
     try:
         check_reward_names(cfg.rewards)
@@ -573,32 +573,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"--random-init builds SD3.5 Medium's architecture: use it with --preset sd35-medium, not {cfg.preset!r}"
         )
-
-
-def _validate_digits_rewards(cfg: Config) -> None:
-    """The digits preset: ``--rewards`` picks digits rewards (default: the ``--reward-suite``'s);
-    unknown names, reward options and ``--reward-weights`` keys outside the run's rewards are refused."""
-    from digits.rewards import DIGIT_REWARDS, REWARD_SUITES
-
-    if cfg.reward_suite not in REWARD_SUITES:
-        raise ConfigError(f"--reward-suite {cfg.reward_suite!r}: choose one of {list(REWARD_SUITES)}")
-    unknown = [n for n in cfg.rewards if n not in DIGIT_REWARDS]
-    if unknown:
-        raise ConfigError(
-            f"--rewards: unknown digits reward {', '.join(map(repr, unknown))}; the digits rewards are "
-            f"{', '.join(DIGIT_REWARDS)} (leave --rewards out to train the --reward-suite's)"
-        )
-    repeated = sorted({n for n in cfg.rewards if cfg.rewards.count(n) > 1})
-    if repeated:
-        raise ConfigError(f"--rewards: reward {', '.join(map(repr, repeated))} given more than once")
-    if cfg.reward_options:
-        raise ConfigError(
-            f"--reward-options {sorted(cfg.reward_options)}: the digits rewards take no options; leave it out"
-        )
-    names = list(cfg.rewards) or REWARD_SUITES[cfg.reward_suite]
-    unknown = sorted(set(cfg.reward_weights) - set(names))
-    if unknown:
-        raise ConfigError(f"--reward-weights names {unknown}, which are not among the rewards of this run {names}")
 
 
 # ---- small helpers -------------------------------------------------------------------------------

@@ -39,8 +39,10 @@ class DigitsAdapter(ModelAdapter):
     sample_at_start = True
 
     @classmethod
-    def build_rewards(cls, cfg: Any, device: torch.device) -> list[Any]:
-        from digits.rewards import DIGIT_REWARDS, REWARD_SUITES, build_digits_rewards
+    def check_rewards(cls, cfg: Any) -> None:
+        """``--rewards`` picks digits rewards (default: the ``--reward-suite``'s); unknown names,
+        reward options and ``--reward-weights`` keys outside the run's rewards are refused."""
+        from digits.rewards import DIGIT_REWARDS, REWARD_SUITES
 
         if cfg.reward_suite not in REWARD_SUITES:
             raise ConfigError(f"--reward-suite {cfg.reward_suite!r}: choose one of {list(REWARD_SUITES)}")
@@ -48,8 +50,25 @@ class DigitsAdapter(ModelAdapter):
         if unknown:
             raise ConfigError(
                 f"--rewards: unknown digits reward {', '.join(map(repr, unknown))}; the digits rewards are "
-                f"{', '.join(DIGIT_REWARDS)}"
+                f"{', '.join(DIGIT_REWARDS)} (leave --rewards out to train the --reward-suite's)"
             )
+        repeated = sorted({n for n in cfg.rewards if cfg.rewards.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"--rewards: reward {', '.join(map(repr, repeated))} given more than once")
+        if cfg.reward_options:
+            raise ConfigError(
+                f"--reward-options {sorted(cfg.reward_options)}: the digits rewards take no options; leave it out"
+            )
+        names = list(cfg.rewards) or REWARD_SUITES[cfg.reward_suite]
+        unknown = sorted(set(cfg.reward_weights) - set(names))
+        if unknown:
+            raise ConfigError(f"--reward-weights names {unknown}, which are not among the rewards of this run {names}")
+
+    @classmethod
+    def build_rewards(cls, cfg: Any, device: torch.device) -> list[Any]:
+        from digits.rewards import DIGIT_REWARDS, build_digits_rewards
+
+        cls.check_rewards(cfg)
         if cfg.rewards:  # --rewards picks digits rewards by name instead of a suite
             return [DIGIT_REWARDS[n] for n in cfg.rewards]
         return list(build_digits_rewards(cfg.reward_suite))

@@ -501,25 +501,32 @@ class Balancer:
         return dict.fromkeys(inputs.names, 0.0)
 
     @staticmethod
-    def nothing_report(inputs: Inputs, measured: Measurement, selection: Selection) -> BalanceReport:
-        """No objective with a finite, non-zero gradient: nothing written, no policy raises."""
-        return make_report(
-            inputs.names,
-            measured.values,
+    def _measured_fields(measured: Measurement, selection: Selection) -> dict[str, Any]:
+        """What a report of a measured step says of G and the selection."""
+        return dict(
             gram=selection.raw,
             used=selection.gram,
             norms=selection.norms,
             excluded=selection.excluded,
-            skipped=True,
-            status="skipped",
-            reason="no objective has a finite, non-zero gradient",
             consistency=measured.consistency,
             batch_estimated=measured.batch_estimated,
         )
 
-    @staticmethod
+    @classmethod
+    def nothing_report(cls, inputs: Inputs, measured: Measurement, selection: Selection) -> BalanceReport:
+        """No objective with a finite, non-zero gradient: nothing written, no policy raises."""
+        return make_report(
+            inputs.names,
+            measured.values,
+            skipped=True,
+            status="skipped",
+            reason="no objective has a finite, non-zero gradient",
+            **cls._measured_fields(measured, selection),
+        )
+
+    @classmethod
     def solved_report(
-        inputs: Inputs, measured: Measurement, selection: Selection, result: WeightingResult, verdict: Any = None
+        cls, inputs: Inputs, measured: Measurement, selection: Selection, result: WeightingResult, verdict: Any = None
     ) -> BalanceReport:
         return make_report(
             inputs.names,
@@ -527,15 +534,10 @@ class Balancer:
             weights=result.alpha,
             raw=result.raw,
             loss_weights=result.w,
-            gram=selection.raw,
-            used=selection.gram,
-            norms=selection.norms,
-            excluded=selection.excluded,
             status=result.status,
             reason="; ".join(selection.reasons),
-            consistency=measured.consistency,
-            batch_estimated=measured.batch_estimated,
             verdict=verdict,
+            **cls._measured_fields(measured, selection),
         )
 
     # ---- state ----------------------------------------------------------------------------------
